@@ -1,0 +1,308 @@
+"""``keyring-hardened``: the admin CLI.
+
+Secrets come only from a pipe or a prompt, never from argv. ``get`` prints
+only the secret; everything else a person reads goes to stderr or, for
+machines, to ``--json`` on stdout. Every error is one line on stderr and the
+exit code of its class (see :mod:`keyring_hardened.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from . import __version__
+from .errors import HardenedError, UsageError
+
+PROG = "keyring-hardened"
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, reported without a traceback
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _stamp(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _shown(name: str) -> str:
+    """A name as a terminal may show it: control characters escaped."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _prompt_once() -> str:
+    return getpass.getpass("Passphrase: ")
+
+
+def _prompt_new() -> str:
+    first = getpass.getpass("New passphrase: ")
+    if getpass.getpass("Repeat passphrase: ") != first:
+        raise UsageError("the two passphrases did not match; nothing was changed")
+    return first
+
+
+def _tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _open(args: argparse.Namespace, create: bool = False) -> Any:
+    from .store import Store
+
+    return Store.open(args.home, prompt=_prompt_once if _tty() else None, create=create)
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    if _tty():
+        first = getpass.getpass(f"Secret for {args.service} / {args.username}: ")
+        if getpass.getpass("Repeat secret: ") != first:
+            raise UsageError("the two entries did not match; nothing was stored")
+        return first
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read the secret from stdin: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("secret on stdin is not UTF-8 text") from None
+    if not args.no_strip:
+        # As the keyring CLI does: one trailing newline is the pipe's, not the secret's.
+        text = text.removesuffix("\n")
+    return text
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create a vault (key-file mode, or passphrase mode with --passphrase)."""
+    from .store import Store
+
+    store = Store.init(args.home, passphrase_mode=args.passphrase, kdf=args.kdf,
+                       prompt=_prompt_new if _tty() else None)
+    with store:
+        info = store.status()
+    print(f"created vault at {info['home']} ({info['kdf']})")
+    if info["key_file"]:
+        print(f"key file: {info['key_file']}: back it up; without it the vault cannot be opened")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    """Store a new version of a credential; the secret comes from stdin or a prompt."""
+    from .location import Location
+
+    secret = _read_secret(args)
+    existed = Location.resolve(args.home).database.exists()
+    with _open(args, create=True) as store:
+        if not existed:
+            sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}\n")
+        version = store.set(args.service, args.username, secret)
+    if args.verbose:
+        sys.stderr.write(f"stored version {version}\n")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Print the secret (only the secret) to stdout."""
+    with _open(args) as store:
+        secret = store.get(args.service, args.username, version=args.version)
+    sys.stdout.write(secret.reveal() + "\n")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a credential (kept versions stay for rollback unless --purge)."""
+    with _open(args) as store:
+        store.delete(args.service, args.username, purge=args.purge)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List live credentials: names and versions, never values."""
+    with _open(args) as store:
+        items = store.list()
+    if args.json:
+        json.dump([{"service": c.service, "username": c.username, "version": c.version,
+                    "updated_at": _stamp(c.updated_at)} for c in items],
+                  sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif items:
+        _table([["SERVICE", "USERNAME", "VERSION", "UPDATED"]]
+               + [[_shown(c.service), _shown(c.username), str(c.version), _stamp(c.updated_at)]
+                  for c in items], sys.stdout)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """List the kept versions of a credential."""
+    with _open(args) as store:
+        versions = store.history(args.service, args.username)
+    if args.json:
+        json.dump([{"version": v.version, "key_version": v.kek_version,
+                    "created_at": _stamp(v.created_at), "current": v.current}
+                   for v in versions], sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _table([["VERSION", "KEY", "CREATED", ""]]
+               + [[str(v.version), str(v.kek_version), _stamp(v.created_at),
+                   "current" if v.current else ""] for v in versions], sys.stdout)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Restore a kept version as the new current version."""
+    with _open(args) as store:
+        version = store.rollback(args.service, args.username, to_version=args.version)
+    sys.stderr.write(f"restored as version {version}\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show where the vault is and what it holds (no secrets)."""
+    from .location import Location
+
+    location = Location.resolve(args.home)
+    if not location.database.exists():
+        if args.json:
+            print(json.dumps({"home": str(location.home), "exists": False}))
+        else:
+            print(f"home: {location.home}\nvault: none (run: {PROG} init)")
+        return 0
+    with _open(args) as store:
+        info = store.status()
+    info["exists"] = True
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"home: {info['home']}")
+    print(f"mode: {info['mode']}" + (f" ({info['key_file']})" if info["key_file"] else ""))
+    print(f"kdf: {info['kdf']}")
+    print(f"created: {_stamp(info['created_at'])}")
+    print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
+          f"{info['versions']} versions kept (max {info['max_versions']} each)")
+    for k in info["keys"]:
+        print(f"key version {k['version']}: {k['state']}, created {_stamp(k['created_at'])}, "
+              f"{k['versions']} versions, {k['wrap_count']} wraps")
+    print(f"schema: {', '.join(info['schema'])}")
+    print(f"config: {info['config'] or 'defaults (no config file)'}")
+    for warning in info["warnings"]:
+        sys.stderr.write(f"{PROG}: warning: {warning}\n")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate the config file; exit 2 naming the bad key."""
+    from .config import load_config
+    from .location import Location
+
+    location = Location.resolve(args.home)
+    config = load_config(location.config_file, location.config_required)
+    if config.path is None:
+        print(f"no config file at {location.config_file}: defaults apply")
+    else:
+        print(f"config file {config.path}: OK")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``keyring-hardened``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="vault home (default: $KEYRING_HARDENED_HOME or keyring's data root)")
+    parser = _Parser(prog=PROG, description="Administer a keyring-hardened vault.",
+                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int],
+            *names: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0], parents=[common])
+        for n in names:
+            p.add_argument(n)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init)
+    p.add_argument("--passphrase", action="store_true",
+                   help="passphrase mode (Argon2id) instead of a key file")
+    p.add_argument("--kdf", choices=["argon2id", "pbkdf2"],
+                   help="key derivation for --passphrase (default: argon2id)")
+
+    p = add("set", cmd_set, "service", "username")
+    p.add_argument("--no-strip", action="store_true",
+                   help="keep a trailing newline read from stdin")
+    p.add_argument("-v", "--verbose", action="store_true", help="report the stored version")
+
+    p = add("get", cmd_get, "service", "username")
+    p.add_argument("--version", type=int, metavar="N", help="read kept version N")
+
+    p = add("delete", cmd_delete, "service", "username")
+    p.add_argument("--purge", action="store_true", help="wipe every kept version too")
+
+    p = add("list", cmd_list)
+    p.add_argument("--json", action="store_true", help="JSON output")
+
+    p = add("history", cmd_history, "service", "username")
+    p.add_argument("--json", action="store_true", help="JSON output")
+
+    p = add("rollback", cmd_rollback, "service", "username")
+    p.add_argument("--version", type=int, metavar="N",
+                   help="version to restore (default: the one before the current)")
+
+    p = add("status", cmd_status)
+    p.add_argument("--json", action="store_true", help="JSON output")
+
+    config = sub.add_parser("config", help="configuration commands", parents=[common])
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = config_sub.add_parser("check", help="validate the config file", parents=[common])
+    p.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if not hasattr(args, "home"):
+        args.home = None
+    try:
+        return int(args.func(args))
+    except HardenedError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as exc:
+        if os.environ.get("KEYRING_HARDENED_DEBUG"):
+            raise
+        # The type only: an unexpected exception's text could hold anything.
+        sys.stderr.write(f"{PROG}: internal error ({type(exc).__name__}); "
+                         "set KEYRING_HARDENED_DEBUG=1 for a traceback\n")
+        return EXIT_INTERNAL

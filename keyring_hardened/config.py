@@ -1,0 +1,209 @@
+"""The configuration file: TOML, validated against a declared schema.
+
+Each section is a table of :class:`Field` entries; adding a section or an
+option is one entry here plus one attribute on :class:`Config`. Unknown keys
+and wrong types are :class:`~keyring_hardened.errors.ConfigError` naming the
+key (``kdf.argon2_iterations``), never echoing a string value, which could be
+a secret pasted into the wrong place.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .rootkey import (
+    ARGON2_DEFAULT,
+    OWASP_ARGON2_FLOOR,
+    PBKDF2_DEFAULT_ITERATIONS,
+)
+
+__all__ = ["Config", "load_config", "parse_duration"]
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Parse ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` or ``1h30m`` into seconds."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a duration such as 90s, 15m, 12h or 30d")
+    s = text.strip().lower()
+    pos, total = 0, 0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not s or pos != len(s) or total <= 0:
+        raise ConfigError(f"{what}: expected a positive duration such as 90s, 15m, 12h or 30d")
+    return float(total)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option: its checker turns the TOML value into the stored one or raises."""
+
+    check: Callable[[str, Any], Any]
+
+
+def _int(lo: int, hi: int, note: str = "") -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_type(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi}{note}, got {value}")
+        return value
+    return check
+
+
+def _number(lo: float, hi: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {_type(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {value}")
+        return float(value)
+    return check
+
+
+def _choice(*options: str) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_type(value)}")
+        if value not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}")
+        return value
+    return check
+
+
+def _duration(key: str, value: Any) -> float:
+    return parse_duration(value, key)
+
+
+def _command(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError:
+            raise ConfigError(f"{key}: cannot be split into arguments (check its quotes)") from None
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        argv = list(value)
+    else:
+        raise ConfigError(f"{key}: expected a string or a list of strings, got {_type(value)}")
+    if not argv or not argv[0]:
+        raise ConfigError(f"{key}: must name a program")
+    return tuple(argv)
+
+
+def _type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+_FLOOR = f" (OWASP floor {OWASP_ARGON2_FLOOR['memory_kib']} KiB, t=2)"
+
+#: The schema: section name ("" for top level) -> option -> field.
+SCHEMA: dict[str, dict[str, Field]] = {
+    "": {
+        "max_versions": Field(_int(1, 1000)),
+        "passphrase_command": Field(_command),
+    },
+    "storage": {
+        "synchronous": Field(_choice("normal", "full")),
+        "busy_timeout": Field(_duration),
+    },
+    "kdf": {
+        "algorithm": Field(_choice("argon2id", "pbkdf2")),
+        "argon2_memory_kib": Field(_int(OWASP_ARGON2_FLOOR["memory_kib"], 4 * 1024 * 1024, _FLOOR)),
+        "argon2_iterations": Field(_int(OWASP_ARGON2_FLOOR["iterations"], 100, _FLOOR)),
+        "argon2_lanes": Field(_int(1, 64)),
+        "pbkdf2_iterations": Field(_int(PBKDF2_DEFAULT_ITERATIONS, 100_000_000,
+                                        " (OWASP floor for PBKDF2-HMAC-SHA256)")),
+    },
+    "backend": {
+        "priority": Field(_number(-1000, 1000)),
+    },
+}
+
+#: Sections of the design that this version does not enforce yet. Accepting
+#: them silently would let an operator believe a deny rule protects a secret.
+_NOT_YET = {
+    "policies": "access policies are not supported by this version",
+    "rate_limits": "rate limits are not supported by this version",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings, with the documented defaults."""
+
+    path: Path | None = None
+    max_versions: int = 10
+    passphrase_command: tuple[str, ...] | None = None
+    synchronous: str = "normal"
+    busy_timeout: float = 10.0
+    kdf_algorithm: str = "argon2id"
+    argon2_memory_kib: int = ARGON2_DEFAULT["memory_kib"]
+    argon2_iterations: int = ARGON2_DEFAULT["iterations"]
+    argon2_lanes: int = ARGON2_DEFAULT["lanes"]
+    pbkdf2_iterations: int = PBKDF2_DEFAULT_ITERATIONS
+    backend_priority: float = 9.5
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], path: Path | None = None) -> Config:
+        """Validate a parsed TOML document; raise :class:`ConfigError` naming the key."""
+        values: dict[str, Any] = {}
+        for key, value in doc.items():
+            if key in _NOT_YET:
+                raise ConfigError(f"{key}: {_NOT_YET[key]}")
+            if key in SCHEMA and key:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: expected a table ([{key}]), got {_type(value)}")
+                for sub, subvalue in value.items():
+                    spec = SCHEMA[key].get(sub)
+                    if spec is None:
+                        raise ConfigError(f"{key}.{sub}: unknown key")
+                    values[_attr(key, sub)] = spec.check(f"{key}.{sub}", subvalue)
+            elif key in SCHEMA[""]:
+                values[key] = SCHEMA[""][key].check(key, value)
+            else:
+                raise ConfigError(f"{key}: unknown key")
+        return cls(path=path, **values)
+
+
+def _attr(section: str, key: str) -> str:
+    if section == "kdf":
+        return key if key.startswith(("argon2_", "pbkdf2_")) else f"kdf_{key}"
+    if section == "backend":
+        return f"backend_{key}"
+    return key
+
+
+def load_config(path: Path, required: bool = False) -> Config:
+    """Load and validate the config file; a missing optional file gives defaults."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config(path=None)
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    import tomllib  # only when there is a file: it costs import time on every get
+
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    try:
+        return Config.from_mapping(doc, path)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None

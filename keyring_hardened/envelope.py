@@ -1,0 +1,179 @@
+"""The envelope format: every cryptographic choice of the vault, in one place.
+
+Key hierarchy (DESIGN.md section 4)::
+
+    root key ──wraps──▶ KEK version k ──wraps──▶ data key ──encrypts──▶ secret
+
+* All three layers use AES-256-GCM with a fresh random 96-bit nonce.
+* Every blob is ``FORMAT_V1 || nonce (12) || ciphertext || tag (16)``; the
+  leading byte versions the layout so a later format can sit beside it.
+* Associated data binds each blob to its place, as length-prefixed fields
+  behind a purpose label, so no two places can share an encoding:
+
+  - wrapped KEK:  ``"kh1/kek"  | vault id | KEK version``
+  - wrapped data key: ``"kh1/dek" | vault id | service | username |
+    credential version | KEK version``
+  - secret:  ``"kh1/secret" | vault id | service | username | credential version``
+
+  The secret's associated data leaves out the KEK version on purpose: that
+  lets ``key rewrap`` re-wrap data keys under a newer KEK without touching
+  payloads. The payload stays bound to its KEK through its data key, which
+  exists only wrapped under that KEK with the KEK version in its own
+  associated data. Moving or swapping any blob fails like tampering does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import _aead
+from ._aead import KEY_LEN, NONCE_LEN, TAG_LEN, Aead, DecryptFailed
+
+__all__ = [
+    "FORMAT_V1",
+    "KEY_LEN",
+    "DecryptFailed",
+    "Kek",
+    "Place",
+    "Sealed",
+    "open_secret",
+    "seal_secret",
+    "unwrap_kek",
+    "wrap_kek",
+]
+
+FORMAT_V1 = 1
+_HEADER = bytes([FORMAT_V1])
+_MIN_BLOB = 1 + NONCE_LEN + TAG_LEN
+
+Rng = Callable[[int], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a credential version lives; bound into its associated data."""
+
+    vault_id: bytes
+    service: str
+    username: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A sealed credential version: its wrapped data key and its ciphertext."""
+
+    kek_version: int
+    wrapped_key: bytes
+    ciphertext: bytes
+
+
+class Kek:
+    """One unwrapped key-encryption key version, ready to wrap and unwrap data keys."""
+
+    __slots__ = ("_aead", "_material", "version")
+
+    def __init__(self, version: int, material: bytearray) -> None:
+        self.version = version
+        self._material = material
+        self._aead = Aead(material)
+
+    def wipe(self) -> None:
+        """Zero this KEK's key buffer (best effort)."""
+        _aead.wipe(self._material)
+
+    def __repr__(self) -> str:
+        return f"Kek(version={self.version}, <key hidden>)"
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+def _ad(label: bytes, *fields: bytes) -> bytes:
+    return _field(label) + b"".join(_field(f) for f in fields)
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def _dek_ad(place: Place, kek_version: int) -> bytes:
+    return _ad(b"kh1/dek", place.vault_id, place.service.encode(), place.username.encode(),
+               _u32(place.version), _u32(kek_version))
+
+
+def _secret_ad(place: Place) -> bytes:
+    return _ad(b"kh1/secret", place.vault_id, place.service.encode(), place.username.encode(),
+               _u32(place.version))
+
+
+def _kek_ad(vault_id: bytes, kek_version: int) -> bytes:
+    return _ad(b"kh1/kek", vault_id, _u32(kek_version))
+
+
+def _seal(aead: Aead, plaintext: bytes, ad: bytes, rng: Rng) -> bytes:
+    nonce = rng(NONCE_LEN)
+    return _HEADER + nonce + aead.seal(nonce, plaintext, ad)
+
+
+def _open(aead: Aead, blob: bytes, ad: bytes) -> bytes:
+    if len(blob) < _MIN_BLOB or blob[0] != FORMAT_V1:
+        raise DecryptFailed
+    return aead.open(blob[1:1 + NONCE_LEN], blob[1 + NONCE_LEN:], ad)
+
+
+def seal_secret(kek: Kek, place: Place, plaintext: bytes,
+                rng: Rng = _aead.random_bytes) -> Sealed:
+    """Encrypt ``plaintext`` under a fresh data key wrapped by ``kek``."""
+    data_key = bytearray(rng(KEY_LEN))
+    try:
+        ciphertext = _seal(Aead(data_key), plaintext, _secret_ad(place), rng)
+        wrapped = _seal(kek._aead, bytes(data_key), _dek_ad(place, kek.version), rng)
+    finally:
+        _aead.wipe(data_key)
+    return Sealed(kek.version, wrapped, ciphertext)
+
+
+def open_secret(kek: Kek, place: Place, sealed: Sealed) -> bytes:
+    """Decrypt a sealed version, or raise :class:`DecryptFailed` for any failure."""
+    if sealed.kek_version != kek.version:
+        raise DecryptFailed
+    data_key = bytearray(_open(kek._aead, sealed.wrapped_key, _dek_ad(place, kek.version)))
+    try:
+        if len(data_key) != KEY_LEN:
+            raise DecryptFailed
+        return _open(Aead(data_key), sealed.ciphertext, _secret_ad(place))
+    finally:
+        _aead.wipe(data_key)
+
+
+def rewrap_key(old: Kek, new: Kek, place: Place, wrapped_key: bytes,
+               rng: Rng = _aead.random_bytes) -> bytes:
+    """Re-wrap a data key from ``old`` to ``new`` without touching the payload."""
+    data_key = bytearray(_open(old._aead, wrapped_key, _dek_ad(place, old.version)))
+    try:
+        return _seal(new._aead, bytes(data_key), _dek_ad(place, new.version), rng)
+    finally:
+        _aead.wipe(data_key)
+
+
+def wrap_kek(wrap_key: Aead, vault_id: bytes, kek: Kek, rng: Rng = _aead.random_bytes) -> bytes:
+    """Wrap a KEK under the root wrapping key."""
+    return _seal(wrap_key, bytes(kek._material), _kek_ad(vault_id, kek.version), rng)
+
+
+def unwrap_kek(wrap_key: Aead, vault_id: bytes, version: int, blob: bytes) -> Kek:
+    """Unwrap a KEK version, or raise :class:`DecryptFailed`."""
+    material = bytearray(_open(wrap_key, blob, _kek_ad(vault_id, version)))
+    if len(material) != KEY_LEN:
+        _aead.wipe(material)
+        raise DecryptFailed
+    return Kek(version, material)
+
+
+def new_kek(version: int, rng: Rng = _aead.random_bytes) -> Kek:
+    """Create a fresh random KEK."""
+    return Kek(version, bytearray(rng(KEY_LEN)))

@@ -1,0 +1,219 @@
+"""Root keys: the key file or a passphrase, and the keys derived from them.
+
+The root key never encrypts data itself. HKDF (salted with the vault id)
+derives three independent keys from it:
+
+* the *wrapping key*, which wraps KEK versions (AES-256-GCM);
+* the *verifier key*, whose HMAC over the vault id is stored so that a wrong
+  key or passphrase is told apart from tampered key records;
+* the *record key*, which MACs each credential's head row (current and last
+  version), so a pointer moved back to an older version is detected.
+
+The KDF (Argon2id or PBKDF2) runs once per unlock, never per credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import stat
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _aead
+from .errors import ConfigError, IntegrityError, LockedError
+
+__all__ = [
+    "ARGON2_DEFAULT",
+    "OWASP_ARGON2_FLOOR",
+    "PBKDF2_DEFAULT_ITERATIONS",
+    "KdfParams",
+    "RootKey",
+    "create_key_file",
+    "read_key_file",
+]
+
+KEYFILE = "keyfile"
+ARGON2ID = "argon2id"
+PBKDF2 = "pbkdf2-sha256"
+
+#: RFC 9106 second recommendation: 64 MiB, t=3, p=4.
+ARGON2_DEFAULT = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
+#: OWASP password storage cheat sheet floor for Argon2id: 19 MiB, t=2, p=1.
+OWASP_ARGON2_FLOOR = {"memory_kib": 19456, "iterations": 2, "lanes": 1}
+#: OWASP's figure for PBKDF2-HMAC-SHA256.
+PBKDF2_DEFAULT_ITERATIONS = 600_000
+
+_SALT_LEN = 16
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """How the root key is obtained: a key file, or a KDF over a passphrase."""
+
+    algorithm: str
+    salt: bytes = b""
+    memory_kib: int = 0
+    iterations: int = 0
+    lanes: int = 0
+
+    @property
+    def uses_passphrase(self) -> bool:
+        """Whether this vault is unlocked with a passphrase."""
+        return self.algorithm != KEYFILE
+
+    @classmethod
+    def keyfile(cls) -> KdfParams:
+        """Parameters of a key-file vault."""
+        return cls(KEYFILE)
+
+    @classmethod
+    def new_argon2id(cls, memory_kib: int, iterations: int, lanes: int) -> KdfParams:
+        """Fresh Argon2id parameters with a new random salt."""
+        return cls(ARGON2ID, _aead.random_bytes(_SALT_LEN), memory_kib, iterations, lanes)
+
+    @classmethod
+    def new_pbkdf2(cls, iterations: int) -> KdfParams:
+        """Fresh PBKDF2-HMAC-SHA256 parameters with a new random salt."""
+        return cls(PBKDF2, _aead.random_bytes(_SALT_LEN), iterations=iterations)
+
+    def to_json(self) -> str:
+        """Encode for storage in the vault record."""
+        doc: dict[str, Any] = {"algorithm": self.algorithm}
+        if self.algorithm == ARGON2ID:
+            doc.update(salt=self.salt.hex(), memory_kib=self.memory_kib,
+                       iterations=self.iterations, lanes=self.lanes)
+        elif self.algorithm == PBKDF2:
+            doc.update(salt=self.salt.hex(), iterations=self.iterations)
+        return json.dumps(doc, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KdfParams:
+        """Decode the stored form; damaged parameters are an integrity error."""
+        try:
+            doc = json.loads(text)
+            algorithm = doc["algorithm"]
+            if algorithm == KEYFILE:
+                return cls(KEYFILE)
+            if algorithm == ARGON2ID:
+                return cls(ARGON2ID, bytes.fromhex(doc["salt"]), int(doc["memory_kib"]),
+                           int(doc["iterations"]), int(doc["lanes"]))
+            if algorithm == PBKDF2:
+                return cls(PBKDF2, bytes.fromhex(doc["salt"]), iterations=int(doc["iterations"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise IntegrityError("vault record: key derivation parameters are damaged")
+
+    def describe(self) -> str:
+        """A one-line human description, e.g. for ``status``."""
+        if self.algorithm == ARGON2ID:
+            return (f"argon2id (memory {self.memory_kib} KiB, iterations {self.iterations}, "
+                    f"lanes {self.lanes})")
+        if self.algorithm == PBKDF2:
+            return f"pbkdf2-sha256 ({self.iterations} iterations)"
+        return "key file"
+
+
+class RootKey:
+    """An unlocked root key and the keys derived from it. Wipe with :meth:`close`."""
+
+    __slots__ = ("_record_key", "_verifier_key", "_wrap_key", "wrap")
+
+    def __init__(self, material: bytearray, vault_id: bytes) -> None:
+        try:
+            self._wrap_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/kek-wrap")
+            self._verifier_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/verify")
+            self._record_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/record")
+        finally:
+            # The root key itself is needed only to derive these; drop it now.
+            _aead.wipe(material)
+        self.wrap = _aead.Aead(self._wrap_key)
+
+    def verifier(self, vault_id: bytes) -> bytes:
+        """The value stored in the vault record to recognise this key."""
+        return _aead.hmac_sha256(self._verifier_key, b"keyring-hardened/v1/verifier" + vault_id)
+
+    def matches(self, vault_id: bytes, stored: bytes) -> bool:
+        """Whether this key is the one the vault was made with (constant time)."""
+        return hmac.compare_digest(self.verifier(vault_id), stored)
+
+    def record_mac(self, data: bytes) -> bytes:
+        """MAC a credential head record."""
+        return _aead.hmac_sha256(self._record_key, data)
+
+    def close(self) -> None:
+        """Wipe the derived keys (best effort)."""
+        for buf in (self._wrap_key, self._verifier_key, self._record_key):
+            _aead.wipe(buf)
+
+    def __repr__(self) -> str:
+        return "RootKey(<hidden>)"
+
+
+def derive_from_passphrase(params: KdfParams, passphrase: str) -> bytearray:
+    """Run the vault's KDF over a passphrase (NFC-normalised UTF-8)."""
+    # NFC so that the same passphrase typed on two systems derives the same key.
+    password = unicodedata.normalize("NFC", passphrase).encode("utf-8", "surrogatepass")
+    if params.algorithm == ARGON2ID:
+        return _aead.argon2id(password, params.salt, params.memory_kib, params.iterations,
+                              params.lanes)
+    if params.algorithm == PBKDF2:
+        return _aead.pbkdf2_sha256(password, params.salt, params.iterations)
+    raise LockedError("this vault is not in passphrase mode")
+
+
+def read_key_file(path: Path) -> bytearray:
+    """Read a 32-byte key file, refusing one that group or others can access."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise LockedError(f"no key file at {path} (set KEYRING_HARDENED_KEY_FILE "
+                          "or restore the key file)") from None
+    except OSError as exc:
+        raise LockedError(f"key file {path} cannot be read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        # As ssh does with private keys: a key others can read is not a secret.
+        if st.st_mode & 0o077:
+            raise ConfigError(f"key file {path} is accessible by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+        data = bytearray(os.read(fd, _aead.KEY_LEN + 1))
+    finally:
+        os.close(fd)
+    if len(data) != _aead.KEY_LEN:
+        _aead.wipe(data)
+        raise LockedError(f"key file {path} is damaged: it must hold exactly 32 bytes")
+    return data
+
+
+def create_key_file(path: Path) -> bool:
+    """Create a key file of 32 random bytes, mode 0600, atomically.
+
+    Returns False when a key file already exists there (it is left as it is).
+    The key is written to a temporary name and hard-linked into place, so a
+    concurrent reader never sees a partly written key and two concurrent
+    creators agree on one key.
+    """
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_aead.random_bytes(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, _aead.random_bytes(_aead.KEY_LEN))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,468 @@
+"""SQLite storage: the only module that imports :mod:`sqlite3`.
+
+Discipline (DESIGN.md section 5):
+
+* connections in autocommit mode; every write is ``BEGIN IMMEDIATE ... COMMIT``
+  so a writer takes the lock before it reads, and waits (busy timeout)
+  instead of failing with "database is locked" half way;
+* WAL, ``foreign_keys=ON``, ``secure_delete=ON`` and a chosen ``synchronous``
+  level (``NORMAL`` by default: a killed process loses no committed write;
+  ``FULL`` also survives power loss at the cost of an fsync per write);
+* placeholders only;
+* named migrations, each applied with its record in one transaction, and a
+  guard that refuses a database newer than this code;
+* a new vault is built under a temporary name and hard-linked into place,
+  so ``vault.db`` either does not exist or is a complete vault. An empty or
+  truncated file is therefore damage, never an invitation to re-initialise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
+
+__all__ = [
+    "APPLICATION_ID",
+    "MIGRATIONS",
+    "HeadRow",
+    "KekRecord",
+    "SQLiteStorage",
+    "VaultMissingError",
+    "VaultRecord",
+    "VersionRow",
+]
+
+#: Marks a SQLite file as a keyring-hardened vault ("KHV1").
+APPLICATION_ID = 0x4B485631
+
+#: Named migrations, in order. Append only: never edit a released one.
+MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("0001_initial", (
+        """CREATE TABLE vault (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            vault_id BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            kdf TEXT NOT NULL,
+            verifier BLOB NOT NULL
+        )""",
+        """CREATE TABLE keks (
+            version INTEGER PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('active', 'decrypt-only', 'retired')),
+            created_at REAL NOT NULL,
+            wrapped BLOB,
+            wrap_count INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE credentials (
+            id INTEGER PRIMARY KEY,
+            service TEXT NOT NULL,
+            username TEXT NOT NULL,
+            current_version INTEGER,
+            last_version INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            mac BLOB NOT NULL,
+            UNIQUE (service, username)
+        )""",
+        """CREATE TABLE secret_versions (
+            credential_id INTEGER NOT NULL REFERENCES credentials(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            kek_version INTEGER NOT NULL REFERENCES keks(version),
+            wrapped_key BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (credential_id, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX secret_versions_by_kek ON secret_versions (kek_version)",
+    )),
+)
+
+_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    name TEXT PRIMARY KEY,
+    applied_at REAL NOT NULL
+)"""
+
+
+class VaultMissingError(NotFoundError):
+    """No vault database exists at the location."""
+
+
+@dataclass(frozen=True)
+class VaultRecord:
+    """The vault's identity and how its root key is obtained."""
+
+    vault_id: bytes
+    created_at: float
+    kdf: str
+    verifier: bytes
+
+
+@dataclass(frozen=True)
+class KekRecord:
+    """A stored KEK version (wrapped under the root key)."""
+
+    version: int
+    state: str
+    created_at: float
+    wrapped: bytes | None
+    wrap_count: int
+
+
+@dataclass(frozen=True)
+class HeadRow:
+    """A credential's head: its name, current and last version, and their MAC."""
+
+    id: int
+    service: str
+    username: str
+    current_version: int | None
+    last_version: int
+    created_at: float
+    updated_at: float
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One stored version of a credential."""
+
+    version: int
+    kek_version: int
+    wrapped_key: bytes
+    ciphertext: bytes
+    created_at: float
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
+    """Map a sqlite3 error to the error class a caller can act on."""
+    name = getattr(exc, "sqlite_errorname", "")
+    text = str(exc)
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "no such table" in text \
+            or "no such column" in text or isinstance(exc, sqlite3.IntegrityError):
+        return IntegrityError(f"vault database {path} is damaged ({name or 'schema'}); "
+                              "restore it from a backup")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StorageError(f"vault database {path} is busy: another process held it "
+                            "longer than the busy timeout; try again")
+    return StorageError(f"vault database {path}: {name or type(exc).__name__}: {text}")
+
+
+class SQLiteStorage:
+    """One connection to a vault database."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+
+    # -- opening and creating -------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+        # mode=rw: never let SQLite create a database file as a side effect.
+        uri = f"file:{path.as_posix()}?mode=rw"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Freed pages are zeroed, so a deleted version leaves no ciphertext behind.
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @classmethod
+    def open(cls, path: Path, synchronous: str = "normal", busy_timeout: float = 10.0
+             ) -> SQLiteStorage:
+        """Open an existing vault, applying pending migrations.
+
+        Raises :class:`VaultMissingError` when there is no database file, and
+        :class:`IntegrityError` when the file is not a complete vault.
+        """
+        if not path.exists():
+            raise VaultMissingError(f"no vault at {path.parent} (run: keyring-hardened init)")
+        try:
+            conn = cls._connect(path, synchronous, busy_timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        store = cls(path, conn)
+        try:
+            store._check_and_migrate()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _check_and_migrate(self) -> None:
+        app_id, = self._conn.execute("PRAGMA application_id").fetchone()
+        version, = self._conn.execute("PRAGMA user_version").fetchone()
+        if app_id != APPLICATION_ID:
+            raise IntegrityError(f"{self.path} is not a keyring-hardened vault (empty, truncated "
+                                 "or foreign file); refusing to use or re-initialise it")
+        if version > len(MIGRATIONS):
+            raise UsageError(f"vault {self.path} has schema version {version}, newer than this "
+                             f"keyring-hardened supports ({len(MIGRATIONS)}); upgrade it")
+        if version < len(MIGRATIONS):
+            with self.transaction():
+                _apply_migrations(self._conn)
+
+    @classmethod
+    def create(cls, path: Path, vault: VaultRecord, kek: KekRecord) -> bool:
+        """Create a complete vault at ``path`` atomically.
+
+        Returns False, leaving everything as it was, when a vault already
+        exists there (another process may have won the race).
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask; SQLite gives its -wal/-shm the same mode
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute("BEGIN IMMEDIATE")
+                _apply_migrations(conn)
+                conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier) "
+                             "VALUES (1, ?, ?, ?, ?)",
+                             (vault.vault_id, vault.created_at, vault.kdf, vault.verifier))
+                conn.execute("INSERT INTO keks (version, state, created_at, wrapped, wrap_count) "
+                             "VALUES (?, ?, ?, ?, ?)",
+                             (kek.version, kek.state, kek.created_at, kek.wrapped, kek.wrap_count))
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            _fsync_file(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            _fsync_dir(path.parent)
+            return True
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    # -- transactions ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction: ``BEGIN IMMEDIATE``, commit on success, else roll back."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc, self.path) from None
+            raise
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read transaction: several reads see one consistent state."""
+        try:
+            self._conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        finally:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def _run(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        try:
+            return self._conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    # -- vault and keys -------------------------------------------------------
+
+    def vault(self) -> VaultRecord:
+        """The vault record; its absence is damage."""
+        rows = self._rows("SELECT vault_id, created_at, kdf, verifier FROM vault WHERE id = 1")
+        if not rows:
+            raise IntegrityError(f"vault database {self.path} has no vault record; "
+                                 "restore it from a backup")
+        return VaultRecord(*rows[0])
+
+    def keks(self) -> list[KekRecord]:
+        """Every KEK version, oldest first."""
+        return [KekRecord(*r) for r in self._rows(
+            "SELECT version, state, created_at, wrapped, wrap_count FROM keks ORDER BY version")]
+
+    def active_kek_version(self) -> int | None:
+        """The version new writes use."""
+        rows = self._rows("SELECT max(version) FROM keks WHERE state = 'active'")
+        return rows[0][0] if rows else None
+
+    def count_wrap(self, kek_version: int) -> None:
+        """Count one more data key wrapped under a KEK (NIST SP 800-38D usage limit)."""
+        self._run("UPDATE keks SET wrap_count = wrap_count + 1 WHERE version = ?", (kek_version,))
+
+    # -- credentials ----------------------------------------------------------
+
+    _HEAD = ("SELECT id, service, username, current_version, last_version, created_at, "
+             "updated_at, mac FROM credentials")
+
+    def head(self, service: str, username: str) -> HeadRow | None:
+        """The head row of a credential, deleted or not."""
+        rows = self._rows(self._HEAD + " WHERE service = ? AND username = ?", (service, username))
+        return HeadRow(*rows[0]) if rows else None
+
+    def read(self, service: str, username: str, version: int | None
+             ) -> tuple[HeadRow, VersionRow | None] | None:
+        """A head and one of its versions (the current one when ``version`` is None)."""
+        rows = self._rows(
+            "SELECT c.id, c.service, c.username, c.current_version, c.last_version, c.created_at,"
+            " c.updated_at, c.mac, v.version, v.kek_version, v.wrapped_key, v.ciphertext,"
+            " v.created_at FROM credentials c LEFT JOIN secret_versions v"
+            " ON v.credential_id = c.id AND v.version = coalesce(?, c.current_version)"
+            " WHERE c.service = ? AND c.username = ?", (version, service, username))
+        if not rows:
+            return None
+        row = rows[0]
+        head = HeadRow(*row[:8])
+        return head, (VersionRow(*row[8:]) if row[8] is not None else None)
+
+    def new_head(self, service: str, username: str, now: float, mac: bytes) -> HeadRow:
+        """Insert the head of a credential that has never existed."""
+        self._run("INSERT INTO credentials (service, username, current_version, last_version,"
+                  " created_at, updated_at, mac) VALUES (?, ?, NULL, 0, ?, ?, ?)",
+                  (service, username, now, now, mac))
+        head = self.head(service, username)
+        assert head is not None  # noqa: S101 - inserted just above in this transaction
+        return head
+
+    def update_head(self, head_id: int, current: int | None, last: int, now: float,
+                    mac: bytes) -> None:
+        """Move a credential's current and last version."""
+        self._run("UPDATE credentials SET current_version = ?, last_version = ?, updated_at = ?,"
+                  " mac = ? WHERE id = ?", (current, last, now, mac, head_id))
+
+    def add_version(self, head_id: int, row: VersionRow) -> None:
+        """Store a new version."""
+        self._run("INSERT INTO secret_versions (credential_id, version, kek_version, wrapped_key,"
+                  " ciphertext, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                  (head_id, row.version, row.kek_version, row.wrapped_key, row.ciphertext,
+                   row.created_at))
+
+    def version(self, head_id: int, version: int) -> VersionRow | None:
+        """One stored version of a credential."""
+        rows = self._rows("SELECT version, kek_version, wrapped_key, ciphertext, created_at"
+                          " FROM secret_versions WHERE credential_id = ? AND version = ?",
+                          (head_id, version))
+        return VersionRow(*rows[0]) if rows else None
+
+    def versions(self, head_id: int) -> list[tuple[int, int, float]]:
+        """(version, KEK version, created) of every kept version, newest first."""
+        return [tuple(r) for r in self._rows(
+            "SELECT version, kek_version, created_at FROM secret_versions"
+            " WHERE credential_id = ? ORDER BY version DESC", (head_id,))]
+
+    def prune(self, head_id: int, keep: int) -> int:
+        """Delete all but the newest ``keep`` versions; returns how many went."""
+        return self._run(
+            "DELETE FROM secret_versions WHERE credential_id = ? AND version NOT IN"
+            " (SELECT version FROM secret_versions WHERE credential_id = ?"
+            "  ORDER BY version DESC LIMIT ?)", (head_id, head_id, keep))
+
+    def purge(self, head_id: int) -> None:
+        """Delete a credential and every version of it."""
+        self._run("DELETE FROM credentials WHERE id = ?", (head_id,))
+
+    def heads(self, include_deleted: bool = False) -> list[HeadRow]:
+        """Every credential head, by service then username."""
+        where = "" if include_deleted else " WHERE current_version IS NOT NULL"
+        return [HeadRow(*r) for r in self._rows(self._HEAD + where + " ORDER BY service, username")]
+
+    def usernames(self, service: str) -> list[str]:
+        """Usernames of the live credentials of a service."""
+        return [r[0] for r in self._rows(
+            "SELECT username FROM credentials WHERE service = ? AND current_version IS NOT NULL"
+            " ORDER BY updated_at DESC", (service,))]
+
+    def counts(self) -> dict[str, int]:
+        """Numbers for ``status``."""
+        live, deleted = self._rows(
+            "SELECT count(current_version), count(*) - count(current_version) FROM credentials")[0]
+        versions, = self._rows("SELECT count(*) FROM secret_versions")[0]
+        return {"credentials": live, "deleted": deleted, "versions": versions}
+
+    def keys_in_use(self) -> dict[int, int]:
+        """How many stored versions each KEK version wraps."""
+        return {k: n for k, n in self._rows(
+            "SELECT kek_version, count(*) FROM secret_versions GROUP BY kek_version")}
+
+    def schema(self) -> list[str]:
+        """Names of the applied migrations."""
+        return [r[0] for r in self._rows("SELECT name FROM schema_migrations ORDER BY name")]
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it (after a purge)."""
+        self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _apply_migrations(conn: sqlite3.Connection) -> None:
+    """Apply pending migrations inside the caller's write transaction."""
+    import time
+
+    conn.execute(_MIGRATIONS_TABLE)
+    done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+    unknown = done - {name for name, _ in MIGRATIONS}
+    if unknown:
+        raise UsageError(f"vault has migrations this keyring-hardened does not know "
+                         f"({', '.join(sorted(unknown))}); upgrade it")
+    for name, statements in MIGRATIONS:
+        if name in done:
+            continue
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                     (name, time.time()))
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can fsync a directory
+        _fsync_file(path)

@@ -1,0 +1,511 @@
+"""The store façade: every operation, each in one transaction.
+
+Adapters (the keyring backend, the CLI, the Ansible plugins) make exactly
+one call here per user request. The façade validates names, unlocks the
+vault once per :class:`Store`, and runs each operation as one write
+transaction against the storage port, so a credential change commits whole
+or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import envelope
+from .config import Config, load_config
+from .envelope import DecryptFailed, Kek, Place, Sealed
+from .errors import IntegrityError, LockedError, NotFoundError, UsageError
+from .location import Location, default_actor, validate_actor
+from .passphrase import PassphraseProvider
+from .passphrase import provider as passphrase_provider
+from .rootkey import KdfParams, RootKey, create_key_file, derive_from_passphrase, read_key_file
+from .secret import Secret
+from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
+
+__all__ = ["CredentialInfo", "Store", "VersionInfo"]
+
+Clock = Callable[[], float]
+
+MAX_NAME_BYTES = 4096
+MAX_SECRET_BYTES = 1 << 20
+MIN_PASSPHRASE_CHARS = 8
+_VAULT_ID_LEN = 16
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """A live credential, as ``list`` shows it (never its value)."""
+
+    service: str
+    username: str
+    version: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One kept version, as ``history`` shows it (never its value)."""
+
+    version: int
+    kek_version: int
+    created_at: float
+    current: bool
+
+
+def _check_name(what: str, value: object, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be a string")
+    if not value and not allow_empty:
+        raise UsageError(f"{what} must not be empty")
+    if "\x00" in value:
+        raise UsageError(f"{what} must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} must be valid Unicode text (no lone surrogates)") from None
+    if size > MAX_NAME_BYTES:
+        raise UsageError(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+    return value
+
+
+def _secret_bytes(secret: str | Secret) -> bytes:
+    value = secret.reveal() if isinstance(secret, Secret) else secret
+    if not isinstance(value, str):
+        raise UsageError("secret must be a string")
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("secret must be valid Unicode text (no lone surrogates)") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise UsageError(f"secret is longer than {MAX_SECRET_BYTES} bytes")
+    return data
+
+
+def _label(service: str, username: str) -> str:
+    # repr() keeps the message on one line whatever the names hold.
+    return f"service {service!r}, user {username!r}"
+
+
+def _source(cfg: Config, passphrase: str | None,
+            prompt: PassphraseProvider | None) -> PassphraseProvider:
+    if passphrase is not None:
+        return lambda: passphrase
+    return passphrase_provider(cfg, prompt)
+
+
+def _make_home(home: Path) -> None:
+    """Create the vault folder with mode 0700, whatever the umask."""
+    if not home.exists():
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+
+
+class Store:
+    """An unlocked vault. Open with :meth:`open` or :meth:`init`; close when done.
+
+    A store is safe to share between threads, and survives ``fork``: a child
+    process reconnects to the database on its first call.
+    """
+
+    def __init__(self, location: Location, config: Config, storage: SQLiteStorage,
+                 vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> None:
+        self.location = location
+        self.config = config
+        self.actor = actor
+        self._storage = storage
+        self._vault = vault
+        self._kdf = KdfParams.from_json(vault.kdf)
+        self._root = root
+        self._keks: dict[int, Kek] = {}
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._closed = False
+        self._load_keks()
+
+    def __repr__(self) -> str:
+        return f"Store(home={str(self.location.home)!r}, {'closed' if self._closed else 'open'})"
+
+    # -- opening ----------------------------------------------------------
+
+    @classmethod
+    def open(cls, home: str | os.PathLike[str] | None = None, *,
+             passphrase: str | None = None, prompt: PassphraseProvider | None = None,
+             config: Config | None = None, clock: Clock = time.time, actor: str | None = None,
+             create: bool = False) -> Store:
+        """Open and unlock the vault at ``home`` (or the configured default).
+
+        A passphrase vault takes ``passphrase`` if given, else
+        ``KEYRING_HARDENED_PASSPHRASE``, else ``passphrase_command``, else
+        ``prompt()``; with none of them it raises :class:`LockedError`.
+        With ``create=True`` a missing vault is created in key-file mode, as
+        ``init`` would; otherwise a missing vault raises :class:`NotFoundError`.
+        """
+        location = Location.resolve(home)
+        cfg = config if config is not None else load_config(location.config_file,
+                                                            location.config_required)
+        who = validate_actor(actor) if actor is not None else default_actor()
+        try:
+            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+        except VaultMissingError:
+            if not create:
+                raise
+            made = cls._create(location, cfg, KdfParams.keyfile(), None, clock, who)
+            if made is not None:
+                return made
+            # Another process created it first: use theirs.
+            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+        try:
+            vault = storage.vault()
+            root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
+            return cls(location, cfg, storage, vault, root, clock, who)
+        except BaseException:
+            storage.close()
+            raise
+
+    @classmethod
+    def init(cls, home: str | os.PathLike[str] | None = None, *, passphrase_mode: bool = False,
+             kdf: str | None = None, passphrase: str | None = None,
+             prompt: PassphraseProvider | None = None, config: Config | None = None,
+             clock: Clock = time.time, actor: str | None = None) -> Store:
+        """Create a new vault; refuse (exit 2) when one exists at ``home``.
+
+        Key-file mode writes 32 random bytes to the key file (reusing a key
+        file that is already there). Passphrase mode derives the root key
+        with Argon2id, or PBKDF2 with ``kdf="pbkdf2"``; the passphrase comes
+        from the same sources as in :meth:`open` (``prompt`` should confirm it).
+        """
+        location = Location.resolve(home)
+        cfg = config if config is not None else load_config(location.config_file,
+                                                            location.config_required)
+        who = validate_actor(actor) if actor is not None else default_actor()
+        if location.database.exists():
+            raise UsageError(f"a vault already exists at {location.home}; "
+                             "init never overwrites one")
+        algorithm = kdf or cfg.kdf_algorithm
+        if kdf is not None and not passphrase_mode:
+            raise UsageError("--kdf applies only with --passphrase")
+        secret: str | None = None
+        if passphrase_mode:
+            secret = _source(cfg, passphrase, prompt)()
+            if len(secret) < MIN_PASSPHRASE_CHARS:
+                raise UsageError(f"passphrase must be at least {MIN_PASSPHRASE_CHARS} characters")
+            if algorithm == "argon2id":
+                params = KdfParams.new_argon2id(cfg.argon2_memory_kib, cfg.argon2_iterations,
+                                                cfg.argon2_lanes)
+            elif algorithm == "pbkdf2":
+                params = KdfParams.new_pbkdf2(cfg.pbkdf2_iterations)
+            else:
+                raise UsageError("kdf must be argon2id or pbkdf2")
+        else:
+            params = KdfParams.keyfile()
+        made = cls._create(location, cfg, params, secret, clock, who)
+        if made is None:
+            raise UsageError(f"a vault already exists at {location.home}; "
+                             "init never overwrites one")
+        return made
+
+    @classmethod
+    def _create(cls, location: Location, cfg: Config, params: KdfParams, passphrase: str | None,
+                clock: Clock, actor: str) -> Store | None:
+        _make_home(location.home)
+        if params.uses_passphrase:
+            assert passphrase is not None  # noqa: S101 - init checked it
+            material = derive_from_passphrase(params, passphrase)
+        else:
+            create_key_file(location.key_file)
+            material = read_key_file(location.key_file)
+        vault_id = os.urandom(_VAULT_ID_LEN)
+        root = RootKey(material, vault_id)
+        now = clock()
+        kek = envelope.new_kek(1)
+        try:
+            record = VaultRecord(vault_id, now, params.to_json(), root.verifier(vault_id))
+            wrapped = envelope.wrap_kek(root.wrap, vault_id, kek)
+            if not SQLiteStorage.create(location.database, record,
+                                        KekRecord(1, "active", now, wrapped, 0)):
+                root.close()
+                return None
+        finally:
+            kek.wipe()
+        storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+        return cls(location, cfg, storage, storage.vault(), root, clock, actor)
+
+    @staticmethod
+    def _unlock(location: Location, vault: VaultRecord,
+                passphrase: PassphraseProvider) -> RootKey:
+        params = KdfParams.from_json(vault.kdf)
+        if params.uses_passphrase:
+            material = derive_from_passphrase(params, passphrase())
+            wrong = "wrong passphrase"
+        else:
+            material = read_key_file(location.key_file)
+            wrong = f"wrong key file: {location.key_file} does not open this vault"
+        root = RootKey(material, vault.vault_id)
+        # The verifier tells a wrong key (locked) apart from damaged key records
+        # (integrity), without decrypting anything.
+        if not root.matches(vault.vault_id, vault.verifier):
+            root.close()
+            raise LockedError(wrong)
+        return root
+
+    def _load_keks(self) -> None:
+        for record in self._storage.keks():
+            if record.version in self._keks or record.state == "retired" or record.wrapped is None:
+                continue
+            try:
+                self._keks[record.version] = envelope.unwrap_kek(
+                    self._root.wrap, self._vault.vault_id, record.version, record.wrapped)
+            except DecryptFailed:
+                raise IntegrityError(f"key version {record.version} failed its integrity "
+                                     "check; restore the vault from a backup") from None
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[SQLiteStorage]:
+        with self._lock:
+            if self._closed:
+                raise UsageError("the store is closed")
+            if os.getpid() != self._pid:
+                # After fork the inherited connection belongs to the parent:
+                # leave it untouched and open our own.
+                self._storage = SQLiteStorage.open(self.location.database,
+                                                   self.config.synchronous,
+                                                   self.config.busy_timeout)
+                self._pid = os.getpid()
+            yield self._storage
+
+    def _head_mac(self, service: str, username: str, current: int | None, last: int) -> bytes:
+        data = b"".join(struct.pack(">I", len(p)) + p for p in (
+            self._vault.vault_id, service.encode(), username.encode()))
+        return self._root.record_mac(data + struct.pack(">QQ", current or 0, last))
+
+    def _verify_head(self, head: HeadRow) -> None:
+        import hmac
+
+        expected = self._head_mac(head.service, head.username, head.current_version,
+                                  head.last_version)
+        if not hmac.compare_digest(expected, head.mac):
+            raise IntegrityError(f"{_label(head.service, head.username)}: "
+                                 "integrity check failed")
+
+    def _kek(self, version: int) -> Kek:
+        if version not in self._keks:
+            self._load_keks()  # another process may have rotated since we unlocked
+        kek = self._keks.get(version)
+        if kek is None:
+            raise IntegrityError(f"key version {version} is not available")
+        return kek
+
+    def _decrypt(self, head: HeadRow, row: VersionRow) -> str:
+        place = Place(self._vault.vault_id, head.service, head.username, row.version)
+        try:
+            kek = self._kek(row.kek_version)
+            data = envelope.open_secret(kek, place, Sealed(row.kek_version, row.wrapped_key,
+                                                            row.ciphertext))
+            return data.decode("utf-8")
+        except (DecryptFailed, IntegrityError, UnicodeDecodeError):
+            # One opaque error for every way decryption can fail: no oracle.
+            raise IntegrityError(f"{_label(head.service, head.username)}: integrity check "
+                                 "failed") from None
+
+    def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
+                       now: float) -> int:
+        active = storage.active_kek_version()
+        if active is None:
+            raise IntegrityError("the vault has no active key version")
+        kek = self._kek(active)
+        version = head.last_version + 1
+        place = Place(self._vault.vault_id, head.service, head.username, version)
+        sealed = envelope.seal_secret(kek, place, data)
+        storage.add_version(head.id, VersionRow(version, kek.version, sealed.wrapped_key,
+                                                sealed.ciphertext, now))
+        storage.update_head(head.id, version, version, now,
+                            self._head_mac(head.service, head.username, version, version))
+        storage.count_wrap(kek.version)
+        if version > self.config.max_versions:
+            storage.prune(head.id, self.config.max_versions)
+        return version
+
+    def _existing(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow:
+        head = storage.head(service, username)
+        if head is None:
+            raise NotFoundError(f"no credential for {_label(service, username)}")
+        self._verify_head(head)
+        return head
+
+    # -- operations -------------------------------------------------------
+
+    def get(self, service: str, username: str, *, version: int | None = None) -> Secret:
+        """Return the current secret, or ``version`` of it; raise NotFoundError if absent."""
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or version < 1):
+            raise UsageError("version must be a positive integer")
+        with self._guard() as storage:
+            found = storage.read(service, username, version)
+            if found is None:
+                raise NotFoundError(f"no credential for {_label(service, username)}")
+            head, row = found
+            self._verify_head(head)
+            if head.current_version is None:
+                raise NotFoundError(f"credential for {_label(service, username)} is deleted")
+            if row is None:
+                if version is None:
+                    raise IntegrityError(f"{_label(service, username)}: current version "
+                                         "is missing")
+                raise NotFoundError(f"version {version} of {_label(service, username)} "
+                                    "is not kept")
+            return Secret(self._decrypt(head, row))
+
+    def set(self, service: str, username: str, secret: str | Secret) -> int:
+        """Store a new version of a credential; returns its version number."""
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        data = _secret_bytes(secret)
+        with self._guard() as storage, storage.transaction():
+            now = self._clock()
+            head = storage.head(service, username)
+            if head is None:
+                head = storage.new_head(service, username, now,
+                                        self._head_mac(service, username, None, 0))
+            else:
+                self._verify_head(head)
+            return self._write_version(storage, head, data, now)
+
+    def delete(self, service: str, username: str, *, purge: bool = False) -> None:
+        """Delete a credential; kept versions stay for ``rollback`` unless ``purge``."""
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        with self._guard() as storage:
+            with storage.transaction():
+                head = self._existing(storage, service, username)
+                if purge:
+                    storage.purge(head.id)
+                elif head.current_version is None:
+                    raise NotFoundError(f"credential for {_label(service, username)} "
+                                        "is already deleted")
+                else:
+                    storage.update_head(head.id, None, head.last_version, self._clock(),
+                                        self._head_mac(service, username, None,
+                                                       head.last_version))
+            if purge:
+                # Fold the WAL so freed pages are zeroed in the database file too.
+                storage.checkpoint()
+
+    def rollback(self, service: str, username: str, *, to_version: int | None = None) -> int:
+        """Restore a kept version as a new current version; returns the new number.
+
+        Without ``to_version``: the newest kept version before the current
+        one, or the newest kept version of a deleted credential.
+        """
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        if to_version is not None and (isinstance(to_version, bool) or to_version < 1):
+            raise UsageError("version must be a positive integer")
+        with self._guard() as storage, storage.transaction():
+            head = self._existing(storage, service, username)
+            kept = [v for v, _, _ in storage.versions(head.id)]
+            if to_version is None:
+                earlier = [v for v in kept if head.current_version is None
+                           or v < head.current_version]
+                if not earlier:
+                    raise NotFoundError(f"no earlier version of {_label(service, username)} "
+                                        "to roll back to")
+                to_version = earlier[0]
+            if to_version == head.current_version:
+                raise UsageError(f"version {to_version} of {_label(service, username)} "
+                                 "is already current")
+            row = storage.version(head.id, to_version)
+            if row is None:
+                raise NotFoundError(f"version {to_version} of {_label(service, username)} "
+                                    "is not kept")
+            value = self._decrypt(head, row)
+            return self._write_version(storage, head, value.encode("utf-8"), self._clock())
+
+    def list(self) -> list[CredentialInfo]:
+        """Every live credential (names and versions only)."""
+        with self._guard() as storage:
+            return [CredentialInfo(h.service, h.username, h.current_version or 0, h.updated_at)
+                    for h in storage.heads()]
+
+    def usernames(self, service: str) -> list[str]:
+        """The usernames of a service's live credentials, most recently updated first."""
+        _check_name("service", service, allow_empty=False)
+        with self._guard() as storage:
+            return storage.usernames(service)
+
+    def history(self, service: str, username: str) -> list[VersionInfo]:
+        """Kept versions of a credential, newest first (no values)."""
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        with self._guard() as storage, storage.snapshot():
+            head = self._existing(storage, service, username)
+            return [VersionInfo(v, k, created, v == head.current_version)
+                    for v, k, created in storage.versions(head.id)]
+
+    def status(self) -> dict[str, Any]:
+        """Facts about the vault for ``status``: no secret, no key material."""
+        with self._guard() as storage, storage.snapshot():
+            counts = storage.counts()
+            in_use = storage.keys_in_use()
+            keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
+                     "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
+                    for k in storage.keks()]
+            schema = storage.schema()
+        return {
+            "home": str(self.location.home),
+            "database": str(self.location.database),
+            "mode": "passphrase" if self._kdf.uses_passphrase else "key file",
+            "key_file": None if self._kdf.uses_passphrase else str(self.location.key_file),
+            "kdf": self._kdf.describe(),
+            "vault_id": self._vault.vault_id.hex(),
+            "created_at": self._vault.created_at,
+            "schema": schema,
+            "max_versions": self.config.max_versions,
+            "synchronous": self.config.synchronous,
+            "config": str(self.config.path) if self.config.path else None,
+            "keys": keks,
+            **counts,
+            "warnings": self._warnings(),
+        }
+
+    def _warnings(self) -> list[str]:
+        found = []
+        for path in (self.location.home, self.location.database):
+            try:
+                mode = path.stat().st_mode & 0o777
+            except OSError:
+                continue
+            if mode & 0o077:
+                found.append(f"{path} is accessible by group or others (mode {mode:04o})")
+        return found
+
+    def close(self) -> None:
+        """Wipe key material (best effort) and close the database."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for kek in self._keks.values():
+                kek.wipe()
+            self._keks.clear()
+            self._root.close()
+            if os.getpid() == self._pid:
+                self._storage.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
