@@ -21,7 +21,7 @@ NONCE_LEN = 12
 TAG_LEN = 16
 
 
-class DecryptFailed(Exception):  # noqa: N818 - private, mirrors cryptography's InvalidTag
+class DecryptFailed(Exception):
     """Raised when an AEAD open fails; callers turn it into one opaque error."""
 
 
@@ -59,7 +59,8 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-def hkdf_sha256(ikm: bytes | bytearray, salt: bytes, info: bytes, length: int = KEY_LEN) -> bytearray:
+def hkdf_sha256(ikm: bytes | bytearray, salt: bytes, info: bytes,
+                length: int = KEY_LEN) -> bytearray:
     """Derive ``length`` bytes with HKDF-SHA256 (RFC 5869)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -72,7 +73,8 @@ def hmac_sha256(key: bytes | bytearray, data: bytes) -> bytes:
     return hmac.new(bytes(key), data, hashlib.sha256).digest()
 
 
-def argon2id(password: bytes, salt: bytes, memory_kib: int, iterations: int, lanes: int) -> bytearray:
+def argon2id(password: bytes, salt: bytes, memory_kib: int, iterations: int,
+             lanes: int) -> bytearray:
     """Derive a 32-byte key from a passphrase with Argon2id (RFC 9106)."""
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 

@@ -132,6 +132,9 @@ class HardenedKeyring(KeyringBackend):
     #: The vault home; None means ``KEYRING_HARDENED_HOME`` or the default.
     home: str | None = None
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # keyring's __init__ has no hints
+
     @properties.classproperty
     def priority(cls) -> float:
         """Viable when SQLite and cryptography are present; above OS keyrings once a vault exists.

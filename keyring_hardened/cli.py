@@ -140,7 +140,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     """List live credentials: names and versions, never values."""
     with _open(args) as store:
-        items = store.list()
+        items = store.credentials()
     if args.json:
         json.dump([{"service": c.service, "username": c.username, "version": c.version,
                     "updated_at": _stamp(c.updated_at)} for c in items],
@@ -229,7 +229,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keyring-hardened``."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS,
                         help="vault home (default: $KEYRING_HARDENED_HOME or keyring's data root)")
     parser = _Parser(prog=PROG, description="Administer a keyring-hardened vault.",

@@ -30,9 +30,9 @@ CONFIG_NAME = "config.toml"
 
 
 def _data_root() -> Path:
-    """keyring's data root, by the same rules as ``keyring.util.platform_``."""
+    """Keyring's data root, by the same rules as ``keyring.util.platform_``."""
     if platform.system() == "Windows":
-        return Path(os.environ.get("LOCALAPPDATA", os.environ.get("ProgramData", "."))
+        return Path(os.environ.get("LOCALAPPDATA", os.environ.get("ProgramData", "."))  # noqa: SIM112 - keyring reads this spelling
                     ) / "Python Keyring"
     root = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share"
     return Path(root, "python_keyring")

@@ -126,7 +126,8 @@ class RootKey:
     def __init__(self, material: bytearray, vault_id: bytes) -> None:
         try:
             self._wrap_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/kek-wrap")
-            self._verifier_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/verify")
+            self._verifier_key = _aead.hkdf_sha256(material, vault_id,
+                                                   b"keyring-hardened/v1/verify")
             self._record_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/record")
         finally:
             # The root key itself is needed only to derive these; drop it now.

@@ -186,8 +186,7 @@ class SQLiteStorage:
         Raises :class:`VaultMissingError` when there is no database file, and
         :class:`IntegrityError` when the file is not a complete vault.
         """
-        if not path.exists():
-            raise VaultMissingError(f"no vault at {path.parent} (run: keyring-hardened init)")
+        _check_header(path)
         try:
             conn = cls._connect(path, synchronous, busy_timeout)
         except sqlite3.Error as exc:
@@ -453,6 +452,38 @@ def _apply_migrations(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
                      (name, time.time()))
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a missing, empty, foreign or truncated database file before SQLite reads it.
+
+    SQLite happily opens a zero-length file as an empty database, and reads
+    a truncated one until it reaches a missing page. The header records the
+    database size in pages (valid when the change counter matches the
+    version-valid-for number), so a file shorter than that is truncated.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise VaultMissingError(f"no vault at {path.parent} (run: keyring-hardened init)") from None
+    except OSError as exc:
+        raise StorageError(f"vault database {path} cannot be read: {exc.strerror}") from None
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise IntegrityError(f"{path} is not a keyring-hardened vault (empty, truncated or "
+                             "foreign file); refusing to use or re-initialise it")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    change_counter = int.from_bytes(header[24:28], "big")
+    pages = int.from_bytes(header[28:32], "big")
+    valid_for = int.from_bytes(header[92:96], "big")
+    if pages and change_counter == valid_for and size < pages * page_size:
+        raise IntegrityError(f"vault database {path} is truncated ({size} of "
+                             f"{pages * page_size} bytes); restore it from a backup")
 
 
 def _fsync_file(path: Path) -> None:

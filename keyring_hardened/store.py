@@ -433,7 +433,7 @@ class Store:
             value = self._decrypt(head, row)
             return self._write_version(storage, head, value.encode("utf-8"), self._clock())
 
-    def list(self) -> list[CredentialInfo]:
+    def credentials(self) -> list[CredentialInfo]:
         """Every live credential (names and versions only)."""
         with self._guard() as storage:
             return [CredentialInfo(h.service, h.username, h.current_version or 0, h.updated_at)

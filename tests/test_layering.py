@@ -1,0 +1,93 @@
+"""Architecture rules that the code must keep."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keyring_hardened
+
+PACKAGE = Path(keyring_hardened.__file__).parent
+ADAPTERS = {"backend.py", "cli.py", "__main__.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_core_imports_with_adapters_blocked() -> None:
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("keyring", "ansible", "argparse"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import tempfile, pathlib
+        import keyring_hardened
+        from keyring_hardened import testing
+        for m in ("errors", "secret", "envelope", "rootkey", "config", "location",
+                  "passphrase", "storage", "store"):
+            __import__("keyring_hardened." + m)
+        with testing.temporary_store() as s:
+            s.set("a", "b", "c")
+            assert s.get("a", "b").reveal() == "c"
+        assert keyring_hardened.Store is not None
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_core_modules_never_import_adapters_or_frameworks() -> None:
+    for path in PACKAGE.glob("*.py"):
+        if path.name in ADAPTERS:
+            continue
+        assert not _imports(path) & {"keyring", "ansible", "argparse"}, path.name
+
+
+def test_only_storage_imports_sqlite3() -> None:
+    users = {p.name for p in PACKAGE.glob("*.py") if "sqlite3" in _imports(p)}
+    assert users == {"storage.py"}
+
+
+def test_only_the_private_module_touches_primitives() -> None:
+    users = {p.name for p in PACKAGE.glob("*.py") if "cryptography" in _imports(p)}
+    assert users == {"_aead.py"}
+    importers = {p.name for p in PACKAGE.glob("*.py")
+                 if "_aead" in p.read_text("utf-8") and p.name != "_aead.py"}
+    assert importers <= {"envelope.py", "rootkey.py"}
+
+
+def test_public_surface_is_exact() -> None:
+    assert sorted(keyring_hardened.__all__) == sorted(
+        n for n in keyring_hardened.__all__ if hasattr(keyring_hardened, n))
+    for name in keyring_hardened.__all__:
+        assert getattr(keyring_hardened, name) is not None
+    assert "Store" in dir(keyring_hardened)
+    try:
+        keyring_hardened.nothing_here  # noqa: B018
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("unknown attribute resolved")
+
+
+def test_backend_import_is_light() -> None:
+    """keyring imports the backend in every process: no SQLite or cryptography then."""
+    code = ("import sys, keyring_hardened.backend; print(any(m.startswith(("
+            "'keyring_hardened.storage', 'keyring_hardened.store', 'cryptography'))"
+            " for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"

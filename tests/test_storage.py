@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from keyring_hardened import storage
+from keyring_hardened.config import Config
+from keyring_hardened.errors import IntegrityError, StorageError, UsageError
+from keyring_hardened.storage import SQLiteStorage
+from keyring_hardened.store import Store
+
+
+@pytest.fixture
+def db(home: Path) -> Path:
+    with Store.init(home) as s:
+        s.set("svc", "u", "x")
+    return home / "vault.db"
+
+
+def test_pragmas_and_schema(db: Path) -> None:
+    st = SQLiteStorage.open(db)
+    try:
+        conn = st._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert st.schema() == ["0001_initial"]
+        assert conn.isolation_level is None
+    finally:
+        st.close()
+    full = SQLiteStorage.open(db, synchronous="full")
+    assert full._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    full.close()
+
+
+def test_new_migration_is_applied_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = (*storage.MIGRATIONS, ("0002_example", ("CREATE TABLE example (x INTEGER)",)))
+    monkeypatch.setattr(storage, "MIGRATIONS", extra)
+    st = SQLiteStorage.open(db)
+    assert st.schema() == ["0001_initial", "0002_example"]
+    assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    st.close()
+    monkeypatch.setattr(storage, "MIGRATIONS", extra[:1])
+    with pytest.raises(UsageError, match="newer than this keyring-hardened supports"):
+        SQLiteStorage.open(db)
+
+
+def test_unknown_migration_is_refused(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES ('9999_future', 0)")
+        conn.execute("PRAGMA user_version = 0")
+    with pytest.raises(UsageError, match="9999_future"):
+        SQLiteStorage.open(db)
+
+
+def test_busy_beyond_timeout_is_storage_error(db: Path) -> None:
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with Store.open(db.parent, config=Config(busy_timeout=0.2)) as s:
+            assert s.get("svc", "u").reveal() == "x"  # WAL readers are not blocked
+            with pytest.raises(StorageError, match="busy"):
+                s.set("svc", "u", "y")
+            assert s.get("svc", "u").reveal() == "x"
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+
+@pytest.mark.parametrize(("name", "message", "kind"), [
+    ("SQLITE_CORRUPT", "malformed", IntegrityError),
+    ("SQLITE_NOTADB", "not a database", IntegrityError),
+    ("SQLITE_BUSY", "database is locked", StorageError),
+    ("SQLITE_IOERR", "disk I/O error", StorageError),
+    ("SQLITE_FULL", "database or disk is full", StorageError),
+    ("", "no such table: credentials", IntegrityError),
+])
+def test_error_translation(name: str, message: str, kind: type[Exception]) -> None:
+    exc = sqlite3.OperationalError(message)
+    exc.sqlite_errorname = name
+    assert isinstance(storage._translate(exc, Path("/v/vault.db")), kind)
+
+
+def test_dropped_table_is_integrity(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE secret_versions")
+    with Store.open(db.parent) as s, pytest.raises(IntegrityError, match="damaged"):
+        s.get("svc", "u")
+
+
+def test_create_loses_race_cleanly(db: Path) -> None:
+    vault = storage.VaultRecord(b"x" * 16, 0.0, '{"algorithm": "keyfile"}', b"v")
+    kek = storage.KekRecord(1, "active", 0.0, b"w", 0)
+    before = db.read_bytes()
+    assert SQLiteStorage.create(db, vault, kek) is False
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["master.key", "vault.db"]
+
+
+def test_unreadable_database_file(home: Path) -> None:
+    home.mkdir()
+    (home / "vault.db").mkdir()
+    with pytest.raises(StorageError, match="cannot be read"):
+        SQLiteStorage.open(home / "vault.db")
