@@ -23,8 +23,14 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e ".[test,lint]"
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e ".[bench]"
+# The benchmark measures what users install: a regular (not editable) install
+# in a venv of its own, beside the peers it is compared with.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml $(wildcard keyring_hardened/*.py)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install --force-reinstall --no-deps .
+	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install ".[bench]"
 	touch $@
 
 demo: $(VENV)/.installed-base
@@ -41,8 +47,8 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check keyring_hardened tests bench demo
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed-test $(VENV)/.installed-bench
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py
+bench: $(BENCH_VENV)/.installed
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python run.py --out results/latest.md $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .coverage .coverage.* .mypy_cache .ruff_cache *.egg-info

@@ -10,11 +10,9 @@ a secret pasted into the wrong place.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .rootkey import (
@@ -45,8 +43,7 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return float(total)
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """One option: its checker turns the TOML value into the stored one or raises."""
 
     check: Callable[[str, Any], Any]
@@ -88,6 +85,8 @@ def _duration(key: str, value: Any) -> float:
 
 def _command(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
+        import shlex  # only when a config names a command
+
         try:
             argv = shlex.split(value)
         except ValueError:
@@ -139,8 +138,7 @@ _NOT_YET = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Validated settings, with the documented defaults."""
 
     path: Path | None = None

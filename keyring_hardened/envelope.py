@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import _aead
 from ._aead import KEY_LEN, NONCE_LEN, TAG_LEN, Aead, DecryptFailed
@@ -51,8 +51,7 @@ _MIN_BLOB = 1 + NONCE_LEN + TAG_LEN
 Rng = Callable[[int], bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class Place:
+class Place(NamedTuple):
     """Where a credential version lives; bound into its associated data."""
 
     vault_id: bytes
@@ -61,8 +60,7 @@ class Place:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
+class Sealed(NamedTuple):
     """A sealed credential version: its wrapped data key and its ciphertext."""
 
     kek_version: int

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import getpass
 import os
-import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import ConfigError
 
@@ -29,11 +28,16 @@ KEY_NAME = "master.key"
 CONFIG_NAME = "config.toml"
 
 
+def _is_windows() -> bool:
+    return sys.platform == "win32"
+
+
 def _data_root() -> Path:
     """Keyring's data root, by the same rules as ``keyring.util.platform_``."""
-    if platform.system() == "Windows":
-        return Path(os.environ.get("LOCALAPPDATA", os.environ.get("ProgramData", "."))  # noqa: SIM112 - keyring reads this spelling
-                    ) / "Python Keyring"
+    if _is_windows():
+        # keyring reads the "ProgramData" spelling.
+        fallback = os.environ.get("ProgramData", ".")  # noqa: SIM112
+        return Path(os.environ.get("LOCALAPPDATA", fallback)) / "Python Keyring"
     root = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share"
     return Path(root, "python_keyring")
 
@@ -43,8 +47,7 @@ def default_home() -> Path:
     return _data_root() / "hardened"
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """The files of one vault."""
 
     home: Path

@@ -6,7 +6,6 @@ Adapters add the interactive source (a TTY prompt) on top of these.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 
 from .config import Config
@@ -32,6 +31,8 @@ def from_environment(config: Config) -> str | None:
 
 
 def _run_command(argv: tuple[str, ...]) -> str:
+    import subprocess  # only here: it costs import time on every unlock otherwise
+
     # argv, never a shell: the command line in config is not interpreted.
     try:
         done = subprocess.run(argv, capture_output=True, timeout=_COMMAND_TIMEOUT,  # noqa: S603

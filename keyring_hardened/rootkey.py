@@ -19,10 +19,8 @@ import hmac
 import json
 import os
 import stat
-import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _aead
 from .errors import ConfigError, IntegrityError, LockedError
@@ -51,8 +49,7 @@ PBKDF2_DEFAULT_ITERATIONS = 600_000
 _SALT_LEN = 16
 
 
-@dataclass(frozen=True)
-class KdfParams:
+class KdfParams(NamedTuple):
     """How the root key is obtained: a key file, or a KDF over a passphrase."""
 
     algorithm: str
@@ -157,6 +154,8 @@ class RootKey:
 
 def derive_from_passphrase(params: KdfParams, passphrase: str) -> bytearray:
     """Run the vault's KDF over a passphrase (NFC-normalised UTF-8)."""
+    import unicodedata
+
     # NFC so that the same passphrase typed on two systems derives the same key.
     password = unicodedata.normalize("NFC", passphrase).encode("utf-8", "surrogatepass")
     if params.algorithm == ARGON2ID:

@@ -22,9 +22,8 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
 
@@ -93,8 +92,7 @@ class VaultMissingError(NotFoundError):
     """No vault database exists at the location."""
 
 
-@dataclass(frozen=True)
-class VaultRecord:
+class VaultRecord(NamedTuple):
     """The vault's identity and how its root key is obtained."""
 
     vault_id: bytes
@@ -103,8 +101,7 @@ class VaultRecord:
     verifier: bytes
 
 
-@dataclass(frozen=True)
-class KekRecord:
+class KekRecord(NamedTuple):
     """A stored KEK version (wrapped under the root key)."""
 
     version: int
@@ -114,8 +111,7 @@ class KekRecord:
     wrap_count: int
 
 
-@dataclass(frozen=True)
-class HeadRow:
+class HeadRow(NamedTuple):
     """A credential's head: its name, current and last version, and their MAC."""
 
     id: int
@@ -128,8 +124,7 @@ class HeadRow:
     mac: bytes
 
 
-@dataclass(frozen=True)
-class VersionRow:
+class VersionRow(NamedTuple):
     """One stored version of a credential."""
 
     version: int

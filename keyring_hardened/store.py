@@ -15,9 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import envelope
 from .config import Config, load_config
@@ -40,8 +39,7 @@ MIN_PASSPHRASE_CHARS = 8
 _VAULT_ID_LEN = 16
 
 
-@dataclass(frozen=True)
-class CredentialInfo:
+class CredentialInfo(NamedTuple):
     """A live credential, as ``list`` shows it (never its value)."""
 
     service: str
@@ -50,8 +48,7 @@ class CredentialInfo:
     updated_at: float
 
 
-@dataclass(frozen=True)
-class VersionInfo:
+class VersionInfo(NamedTuple):
     """One kept version, as ``history`` shows it (never its value)."""
 
     version: int

@@ -154,3 +154,34 @@ def test_unwrap_kek_rejects_wrong_length_material() -> None:
     blob = b"\x01" + nonce + AESGCM(bytes(32)).encrypt(nonce, b"too short", ad)
     with pytest.raises(DecryptFailed):
         envelope.unwrap_kek(wrap, vault_id, 1, blob)
+
+
+# RFC 5869 appendix A test cases 1 to 3 (SHA-256).
+RFC5869 = [
+    ("0b" * 22, "000102030405060708090a0b0c", "f0f1f2f3f4f5f6f7f8f9", 42,
+     "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"),
+    (bytes(range(0x00, 0x50)).hex(), bytes(range(0x60, 0xb0)).hex(),
+     bytes(range(0xb0, 0x100)).hex(), 82,
+     "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c59045a99cac7827271cb41c6"
+     "5e590e09da3275600c2f09b8367793a9aca3db71cc30c58179ec3e87c14c01d5c1f3434f1d87"),
+    ("0b" * 22, "", "", 42,
+     "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"),
+]
+
+
+@pytest.mark.parametrize(("ikm", "salt", "info", "length", "okm"), RFC5869)
+def test_hkdf_rfc5869(ikm: str, salt: str, info: str, length: int, okm: str) -> None:
+    out = _aead.hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length)
+    assert out.hex() == okm
+
+
+def test_hkdf_matches_cryptography() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    for n in (1, 16, 32, 33, 64, 100):
+        ikm, salt, info = bytes([n]) * 32, bytes([n + 1]) * 16, b"info" * n
+        ours = _aead.hkdf_sha256(ikm, salt, info, n)
+        assert ours == HKDF(hashes.SHA256(), n, salt, info).derive(ikm)
+    with pytest.raises(ValueError, match="length"):
+        _aead.hkdf_sha256(b"k", b"s", b"i", 0)

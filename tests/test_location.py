@@ -19,7 +19,7 @@ def test_default_home_without_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_windows_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("platform.system", lambda: "Windows")
+    monkeypatch.setattr("keyring_hardened.location._is_windows", lambda: True)
     monkeypatch.setenv("LOCALAPPDATA", "/appdata")
     assert default_home() == Path("/appdata/Python Keyring/hardened")
 

@@ -1,0 +1,300 @@
+"""Benchmarks: keyring-hardened against keyrings.alt and keyrings.cryptfile, in one run.
+
+Not a test: it measures and prints medians and ratios; it asserts nothing
+about time. Run it with ``make bench`` (which installs the peers from the
+``bench`` extra). Figures from one run on one machine compare with each
+other; compare across runs or machines with care.
+
+Peers are filled by writing their INI file directly in their own format (one
+``set_password`` per entry rewrites their whole file, so filling 10,000 of
+them that way takes hours). The entries a benchmark reads or writes are
+real ones made by the peer's own ``encrypt``; the other entries are filler
+with the same size and layout, which the peer parses on every call but never
+decrypts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from base64 import encodebytes
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keyring
+from keyring.backend import KeyringBackend
+
+from keyring_hardened import backend as hk_backend
+from keyring_hardened.config import Config
+from keyring_hardened.store import Store
+
+PEER_PASSWORD = "bench-peer-password"
+PASSPHRASE = "bench passphrase for the vault"
+OURS = "keyring_hardened.backend.HardenedKeyring"
+PLAIN = "keyrings.alt.file.PlaintextKeyring"
+ENCRYPTED = "keyrings.alt.file.EncryptedKeyring"
+CRYPTFILE = "keyrings.cryptfile.cryptfile.CryptFileKeyring"
+MEASURED = 8  # real entries per file that benchmarks read and write
+
+
+def _load(path: str) -> KeyringBackend:
+    module, _, name = path.rpartition(".")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    kr: KeyringBackend = cls()
+    return kr
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _time(fn: Callable[[], object], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+# -- filling -------------------------------------------------------------------
+
+
+def fill_ours(home: Path, n: int, passphrase: bool = False) -> None:
+    """A vault with n credentials, through the public Store API."""
+    config = Config()
+    if passphrase:
+        store = Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=config)
+    else:
+        store = Store.init(home, config=config)
+    with store:
+        for i in range(n):
+            store.set(f"service-{i % 1000}", f"user-{i}", f"secret-value-{i:08d}")
+
+
+def fill_peer(name: str, path: Path, n: int) -> KeyringBackend:
+    """A peer's file with n entries, written directly in the peer's format."""
+    kr = _load(name)
+    kr.file_path = str(path)  # type: ignore[attr-defined]
+    from keyrings.alt.escape import escape
+
+    encrypted = name != PLAIN
+    if encrypted:
+        kr.keyring_key = PEER_PASSWORD  # type: ignore[attr-defined]
+    config = configparser.RawConfigParser()
+
+    def put(service: str, username: str, password: str) -> None:
+        assoc = kr._generate_assoc(service, username)  # type: ignore[attr-defined]
+        blob = kr.encrypt(password.encode(), assoc)  # type: ignore[attr-defined]
+        sec = escape(service)
+        if not config.has_section(sec):
+            config.add_section(sec)
+        config.set(sec, escape(username), "\n" + encodebytes(blob).decode())
+
+    if encrypted:
+        put("keyring-setting", "password reference", "password reference value")
+        config.set(escape("keyring-setting"), escape("scheme"), kr.scheme)  # type: ignore[attr-defined]
+        config.set(escape("keyring-setting"), escape("version"), kr.version)  # type: ignore[attr-defined]
+    template: str | None = None
+    for i in range(n):
+        service, username = f"service-{i % 1000}", f"user-{i}"
+        if i < MEASURED:
+            put(service, username, f"secret-value-{i:08d}")
+            template = config.get(escape(service), escape(username))
+        else:
+            sec = escape(service)
+            if not config.has_section(sec):
+                config.add_section(sec)
+            config.set(sec, escape(username), template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        config.write(f)
+    os.chmod(path, 0o600)
+    return kr
+
+
+# -- in-process ------------------------------------------------------------------
+
+
+def inprocess(kr: KeyringBackend, keys: list[tuple[str, str]], repeat: int
+              ) -> tuple[float, float]:
+    """Median get and set latency (ms) through the keyring API."""
+    keyring.set_keyring(kr)
+    rnd = random.Random(7)
+    if keyring.get_password(*keys[0]) is None:
+        raise SystemExit(f"benchmark entry missing in {kr!r}")
+    gets = _time(lambda: keyring.get_password(*rnd.choice(keys)), repeat)
+    sets = _time(lambda: keyring.set_password(*rnd.choice(keys), "new-secret-value"), repeat)
+    return _median_ms(gets), _median_ms(sets)
+
+
+def run_inprocess(tmp: Path, sizes: list[int], peer_sizes: list[int],
+                  repeat: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        home = tmp / f"ours-{n}"
+        t = time.perf_counter()
+        fill_ours(home, n)
+        fill_s = time.perf_counter() - t
+        kr = hk_backend.HardenedKeyring().with_properties(home=str(home))
+        picks = random.Random(1).sample(range(n), min(n, 500))
+        keys = [(f"service-{i % 1000}", f"user-{i}") for i in picks]
+        get_ms, set_ms = inprocess(kr, keys, repeat)
+        hk_backend._close_all()
+        rows.append({"backend": "keyring-hardened", "n": n, "get_ms": get_ms, "set_ms": set_ms,
+                     "fill_s": fill_s})
+        print(f"  keyring-hardened N={n}: get {get_ms:.4f} ms, set {set_ms:.4f} ms "
+              f"(filled in {fill_s:.1f}s)", flush=True)
+    for name, label in ((PLAIN, "PlaintextKeyring"), (ENCRYPTED, "EncryptedKeyring"),
+                        (CRYPTFILE, "CryptFileKeyring")):
+        for n in peer_sizes:
+            path = tmp / f"{label}-{n}.cfg"
+            kr = fill_peer(name, path, n)
+            keys = [(f"service-{i % 1000}", f"user-{i}") for i in range(MEASURED)]
+            reps = max(3, min(repeat, int(2000 / max(n, 1))))
+            get_ms, set_ms = inprocess(kr, keys, reps)
+            rows.append({"backend": label, "n": n, "get_ms": get_ms, "set_ms": set_ms})
+            print(f"  {label} N={n}: get {get_ms:.3f} ms, set {set_ms:.3f} ms "
+                  f"({reps} samples)", flush=True)
+    return rows
+
+
+# -- cold processes --------------------------------------------------------------
+
+
+def run_cold(tmp: Path, repeat: int) -> list[dict[str, Any]]:
+    """Wall time of a whole ``keyring get`` process, each backend chosen by env."""
+    exe = Path(sys.executable).with_name("keyring")
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("KEYRING_", "PYTHON_KEYRING"))}
+    fill_ours(tmp / "cold-keyfile", 100)
+    fill_ours(tmp / "cold-passphrase", 100, passphrase=True)
+    cases: dict[str, dict[str, str]] = {
+        "keyring-hardened (key file)": {"PYTHON_KEYRING_BACKEND": OURS,
+                                        "KEYRING_HARDENED_HOME": str(tmp / "cold-keyfile")},
+        "keyring-hardened (passphrase, Argon2id 64 MiB)": {
+            "PYTHON_KEYRING_BACKEND": OURS, "KEYRING_HARDENED_HOME": str(tmp / "cold-passphrase"),
+            "KEYRING_HARDENED_PASSPHRASE": PASSPHRASE},
+        "keyring-hardened (key file, chosen by priority)": {
+            "KEYRING_HARDENED_HOME": str(tmp / "cold-keyfile")},
+    }
+    for name, label in ((PLAIN, "PlaintextKeyring"), (ENCRYPTED, "EncryptedKeyring"),
+                        (CRYPTFILE, "CryptFileKeyring")):
+        # The encrypted peers ignore KEYRING_PROPERTY_* (their __init__ skips keyring's),
+        # so each gets its own data root, and its password on stdin: with no
+        # controlling terminal, getpass reads it from there.
+        xdg = tmp / f"cold-{label}"
+        fill_peer(name, xdg / "python_keyring" / _load(name).filename, 100)  # type: ignore[attr-defined]
+        cases[label] = {"PYTHON_KEYRING_BACKEND": name, "XDG_DATA_HOME": str(xdg)}
+
+    def once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(exe), "get", "service-3", "user-3"], env={**base, **env},
+                              input=PEER_PASSWORD + "\n", capture_output=True, text=True,
+                              check=False, start_new_session=True)
+
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for label, env in cases.items():  # warm the page cache and check each works
+        done = once(env)
+        if done.stdout.strip() != "secret-value-00000003":
+            raise SystemExit(f"cold benchmark for {label} failed: {done.stderr.strip()[-300:]}")
+    for _ in range(repeat):  # round-robin, so machine noise spreads over all cases
+        for label, env in cases.items():
+            t = time.perf_counter()
+            once(env)
+            samples[label].append(time.perf_counter() - t)
+    rows = [{"backend": k, "cold_ms": _median_ms(v)} for k, v in samples.items()]
+    for r in rows:
+        print(f"  {r['backend']}: {r['cold_ms']:.1f} ms", flush=True)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def report(inproc: list[dict[str, Any]], cold: list[dict[str, Any]]) -> str:
+    ours = {r["n"]: r for r in inproc if r["backend"] == "keyring-hardened"}
+    lines = [
+        f"# keyring-hardened benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}",
+        "",
+        "## In-process keyring.get_password / set_password (median ms)",
+        "",
+        "| backend | N | get ms | set ms | get: times slower than ours | set: times slower "
+        "than ours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in inproc:
+        mine = ours.get(r["n"])
+        rg = f"{r['get_ms'] / mine['get_ms']:,.0f}x" if mine and r is not mine else "-"
+        rs = f"{r['set_ms'] / mine['set_ms']:,.0f}x" if mine and r is not mine else "-"
+        lines.append(f"| {r['backend']} | {r['n']:,} | {r['get_ms']:.4f} | {r['set_ms']:.4f} "
+                     f"| {rg} | {rs} |")
+    lines += ["", "## Targets", ""]
+    worst_get = max(r["get_ms"] for r in ours.values())
+    worst_set = max(r["set_ms"] for r in ours.values())
+    met = "met" if max(worst_get, worst_set) < 0.3 else "NOT met"
+    lines.append(f"- get and set median under 0.3 ms at every N: worst get {worst_get:.4f} ms, "
+                 f"worst set {worst_set:.4f} ms: {met}")
+    plain10k = next((r for r in inproc if r["backend"] == "PlaintextKeyring"
+                     and r["n"] == 10_000), None)
+    if plain10k and 10_000 in ours:
+        ratio = plain10k["get_ms"] / ours[10_000]["get_ms"]
+        lines.append(f"- at least 1,000x faster than PlaintextKeyring at N=10,000 (get): "
+                     f"{ratio:,.0f}x: {'met' if ratio >= 1000 else 'NOT met'}")
+    if 100 in ours and 100_000 in ours:
+        for op in ("get", "set"):
+            ratio = ours[100_000][f"{op}_ms"] / ours[100][f"{op}_ms"]
+            lines.append(f"- {op} latency at N=100,000 within 1.5x of N=100: {ratio:.2f}x: "
+                         f"{'met' if ratio <= 1.5 else 'NOT met'}")
+    if cold:
+        plain = next(r for r in cold if r["backend"] == "PlaintextKeyring")["cold_ms"]
+        lines += ["", "## Cold `keyring get` process, 100 entries (median ms)", "",
+                  "| backend | ms | ratio to PlaintextKeyring |", "|---|---:|---:|"]
+        for r in cold:
+            lines.append(f"| {r['backend']} | {r['cold_ms']:.1f} | {r['cold_ms'] / plain:.2f} |")
+        mine = next(r for r in cold if r["backend"] == "keyring-hardened (key file)")["cold_ms"]
+        lines += ["", f"- cold key-file get within 1.25x of PlaintextKeyring: "
+                  f"{mine / plain:.2f}x: {'met' if mine / plain <= 1.25 else 'NOT met'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="100,10000,100000")
+    parser.add_argument("--peer-sizes", default="100,10000")
+    parser.add_argument("--repeat", type=int, default=2000)
+    parser.add_argument("--cold-repeat", type=int, default=21)
+    parser.add_argument("--out", default="bench/results/latest.md")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    peer_sizes = [int(s) for s in args.peer_sizes.split(",") if s]
+    with tempfile.TemporaryDirectory(prefix="kh-bench-") as tmp:
+        print("in-process:", flush=True)
+        inproc = run_inprocess(Path(tmp), sizes, peer_sizes, args.repeat)
+        print("cold processes:", flush=True)
+        cold = run_cold(Path(tmp), args.cold_repeat) if args.cold_repeat else []
+    text = report(inproc, cold)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, "utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"inprocess": inproc, "cold": cold},
+                                                   indent=1), "utf-8")
+    print()
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
