@@ -200,6 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"created: {_stamp(info['created_at'])}")
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")
+    print(f"audit events: {info['audit_events']}")
     for k in info["keys"]:
         print(f"key version {k['version']}: {k['state']}, created {_stamp(k['created_at'])}, "
               f"{k['versions']} versions, {k['wrap_count']} wraps")
@@ -221,6 +222,99 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"no config file at {location.config_file}: defaults apply")
     else:
         print(f"config file {config.path}: OK")
+    return 0
+
+
+def _read_checkpoint(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+        doc = json.loads(text)
+    except OSError as exc:
+        raise UsageError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"checkpoint {path} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"checkpoint {path} is not a keyring-hardened audit checkpoint")
+    return doc
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the audit chain (exit 3 naming the first bad event)."""
+    from pathlib import Path
+
+    checkpoint = _read_checkpoint(args.from_checkpoint)
+    with _open(args) as store:
+        if args.file:
+            result = store.trail.verify_file(Path(args.file), checkpoint)
+        else:
+            result = store.trail.verify(checkpoint)
+    where = f"audit file {args.file}" if args.file else "audit trail"
+    print(f"{where}: intact: {result.verified} events verified, head event {result.head_seq}"
+          + (", matches the checkpoint" if checkpoint else ""))
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    """Write the head of the chain (seq and mac) for safekeeping elsewhere."""
+    with _open(args) as store:
+        doc = store.trail.checkpoint()
+    text = json.dumps(doc) + "\n"
+    if args.file and args.file != "-":
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        sys.stderr.write(f"checkpoint at event {doc['seq']} written to {args.file}\n")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """Show audit events, newest first: who did what to which credential."""
+    from .audit import parse_since
+
+    since = parse_since(args.since, time.time()) if args.since else None
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be a positive integer")
+    with _open(args) as store:
+        events = store.trail.show(since=since, service=args.service, actor=args.actor,
+                                  op=args.op, limit=args.limit)
+    if args.json:
+        for e in events:
+            sys.stdout.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
+    elif events:
+        _table([["TIME", "ACTOR", "OP", "SERVICE", "USERNAME", "OUTCOME", "KEY", "REASON"]]
+               + [[_stamp(e.ts_us / 1_000_000), _shown(e.actor), e.op,
+                   _shown(e.service) if e.service is not None else "-",
+                   _shown(e.username) if e.username is not None else "-", e.outcome,
+                   str(e.key_version) if e.key_version is not None else "-", e.reason or ""]
+                  for e in events], sys.stdout)
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """Export every kept event, with chain fields, as JSON lines."""
+    from pathlib import Path
+
+    with _open(args) as store:
+        count = store.trail.export(Path(args.file))
+    sys.stderr.write(f"{count} events written to {args.file}\n")
+    return 0
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    """Archive events older than the retention to a JSON-lines file."""
+    from pathlib import Path
+
+    from .config import parse_duration
+
+    keep = parse_duration(args.keep, "--keep") if args.keep else None
+    with _open(args) as store:
+        count = store.trail.prune(Path(args.archive), keep)
+    sys.stderr.write(f"{count} events archived to {args.archive}\n" if count
+                     else "no events older than the retention\n")
     return 0
 
 
@@ -274,6 +368,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    trail = sub.add_parser("audit", help="audit trail commands", parents=[common])
+    trail_sub = trail.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+
+    def add_audit(name: str, func: Callable[[argparse.Namespace], int]
+                  ) -> argparse.ArgumentParser:
+        p = trail_sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0],
+                                 parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add_audit("verify", cmd_audit_verify)
+    p.add_argument("--from-checkpoint", metavar="FILE",
+                   help="also check against a checkpoint (detects truncation); - for stdin")
+    p.add_argument("--file", metavar="FILE", help="verify an export or archive file instead")
+    p = add_audit("checkpoint", cmd_audit_checkpoint)
+    p.add_argument("file", nargs="?", help="write here (default: stdout)")
+    p = add_audit("show", cmd_audit_show)
+    p.add_argument("--json", action="store_true", help="JSON lines")
+    p.add_argument("--since", metavar="WHEN",
+                   help="a date, date-time, weekday, today, yesterday, or a duration like 3d")
+    p.add_argument("--service", metavar="GLOB")
+    p.add_argument("--actor", metavar="GLOB")
+    p.add_argument("--op", metavar="OP", help="read, write, delete, purge, rollback, list, ...")
+    p.add_argument("--limit", type=int, metavar="N")
+    p = add_audit("export", cmd_audit_export)
+    p.add_argument("file")
+    p = add_audit("prune", cmd_audit_prune)
+    p.add_argument("--archive", required=True, metavar="FILE",
+                   help="JSON-lines file to receive the pruned events")
+    p.add_argument("--keep", metavar="DUR", help="retention (default: [audit] keep)")
 
     config = sub.add_parser("config", help="configuration commands", parents=[common])
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

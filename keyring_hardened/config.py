@@ -100,6 +100,21 @@ def _command(key: str, value: Any) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_type(value)}")
+    return value
+
+
+def _sinks(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {_type(value)}")
+    for i, sink in enumerate(value):
+        if sink != "syslog" and not (sink.startswith("file:") and len(sink) > len("file:")):
+            raise ConfigError(f"{key}[{i}]: must be \"syslog\" or \"file:PATH\"")
+    return tuple(value)
+
+
 def _type(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
@@ -128,6 +143,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "backend": {
         "priority": Field(_number(-1000, 1000)),
     },
+    "audit": {
+        "sinks": Field(_sinks),
+        "hmac_identifiers": Field(_bool),
+        "keep": Field(_duration),
+    },
 }
 
 #: Sections of the design that this version does not enforce yet. Accepting
@@ -152,6 +172,9 @@ class Config(NamedTuple):
     argon2_lanes: int = ARGON2_DEFAULT["lanes"]
     pbkdf2_iterations: int = PBKDF2_DEFAULT_ITERATIONS
     backend_priority: float = 9.5
+    audit_sinks: tuple[str, ...] = ()
+    audit_hmac_identifiers: bool = False
+    audit_keep: float | None = None
 
     @classmethod
     def from_mapping(cls, doc: Mapping[str, Any], path: Path | None = None) -> Config:
@@ -178,8 +201,8 @@ class Config(NamedTuple):
 def _attr(section: str, key: str) -> str:
     if section == "kdf":
         return key if key.startswith(("argon2_", "pbkdf2_")) else f"kdf_{key}"
-    if section == "backend":
-        return f"backend_{key}"
+    if section in ("backend", "audit"):
+        return f"{section}_{key}"
     return key
 
 

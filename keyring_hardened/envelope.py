@@ -119,7 +119,7 @@ def _seal(aead: Aead, plaintext: bytes, ad: bytes, rng: Rng) -> bytes:
 
 def _open(aead: Aead, blob: bytes, ad: bytes) -> bytes:
     if len(blob) < _MIN_BLOB or blob[0] != FORMAT_V1:
-        raise DecryptFailed
+        raise DecryptFailed("format")
     return aead.open(blob[1:1 + NONCE_LEN], blob[1 + NONCE_LEN:], ad)
 
 
@@ -138,12 +138,18 @@ def seal_secret(kek: Kek, place: Place, plaintext: bytes,
 def open_secret(kek: Kek, place: Place, sealed: Sealed) -> bytes:
     """Decrypt a sealed version, or raise :class:`DecryptFailed` for any failure."""
     if sealed.kek_version != kek.version:
-        raise DecryptFailed
-    data_key = bytearray(_open(kek._aead, sealed.wrapped_key, _dek_ad(place, kek.version)))
+        raise DecryptFailed("kek-version")
+    try:
+        data_key = bytearray(_open(kek._aead, sealed.wrapped_key, _dek_ad(place, kek.version)))
+    except DecryptFailed as exc:
+        raise DecryptFailed(f"data-key-{exc.args[0] if exc.args else 'tag'}") from None
     try:
         if len(data_key) != KEY_LEN:
-            raise DecryptFailed
-        return _open(Aead(data_key), sealed.ciphertext, _secret_ad(place))
+            raise DecryptFailed("data-key-length")
+        try:
+            return _open(Aead(data_key), sealed.ciphertext, _secret_ad(place))
+        except DecryptFailed as exc:
+            raise DecryptFailed(f"payload-{exc.args[0] if exc.args else 'tag'}") from None
     finally:
         _aead.wipe(data_key)
 

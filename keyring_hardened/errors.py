@@ -42,6 +42,12 @@ class HardenedError(Exception):
     #: A short name of the error class, used in audit records and Ansible messages.
     kind: str = "error"
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        #: A machine-readable code for the audit record (which check failed,
+        #: say); never shown in the message, so it is no oracle.
+        self.reason = reason
+
 
 class NotFoundError(HardenedError):
     """The credential, version or vault does not exist."""
@@ -87,8 +93,8 @@ class RateLimitedError(HardenedError):
     exit_code = 5
     kind = "rate-limited"
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(message, reason)
         self.retry_after = retry_after
 
 

@@ -89,7 +89,9 @@ def default_actor() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. in a bare container
         user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    # "python -m pkg" runs pkg/__main__.py: the package is the program's name.
+    program = argv0.parent.name if argv0.name == "__main__.py" else argv0.name
     return f"{user}:{program or 'python'}"
 
 

@@ -66,6 +66,6 @@ def provider(config: Config, prompt: PassphraseProvider | None = None) -> Passph
         if prompt is not None:
             return prompt()
         raise LockedError("this vault needs a passphrase: set KEYRING_HARDENED_PASSPHRASE, "
-                          "configure passphrase_command, or run on a terminal")
+                          "configure passphrase_command, or run on a terminal", "no-passphrase")
 
     return get

@@ -7,7 +7,9 @@ derives three independent keys from it:
 * the *verifier key*, whose HMAC over the vault id is stored so that a wrong
   key or passphrase is told apart from tampered key records;
 * the *record key*, which MACs each credential's head row (current and last
-  version), so a pointer moved back to an older version is detected.
+  version), so a pointer moved back to an older version is detected;
+* the *audit key*, which chains the audit trail's HMACs, and the
+  *identifier key*, which hashes names when ``hmac_identifiers`` is on.
 
 The KDF (Argon2id or PBKDF2) runs once per unlock, never per credential.
 """
@@ -118,7 +120,8 @@ class KdfParams(NamedTuple):
 class RootKey:
     """An unlocked root key and the keys derived from it. Wipe with :meth:`close`."""
 
-    __slots__ = ("_record_key", "_verifier_key", "_wrap_key", "wrap")
+    __slots__ = ("_record_key", "_verifier_key", "_wrap_key", "audit_key", "identifier_key",
+                 "wrap")
 
     def __init__(self, material: bytearray, vault_id: bytes) -> None:
         try:
@@ -126,6 +129,9 @@ class RootKey:
             self._verifier_key = _aead.hkdf_sha256(material, vault_id,
                                                    b"keyring-hardened/v1/verify")
             self._record_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/record")
+            self.audit_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/audit")
+            self.identifier_key = _aead.hkdf_sha256(material, vault_id,
+                                                    b"keyring-hardened/v1/identifier")
         finally:
             # The root key itself is needed only to derive these; drop it now.
             _aead.wipe(material)
@@ -145,7 +151,8 @@ class RootKey:
 
     def close(self) -> None:
         """Wipe the derived keys (best effort)."""
-        for buf in (self._wrap_key, self._verifier_key, self._record_key):
+        for buf in (self._wrap_key, self._verifier_key, self._record_key, self.audit_key,
+                    self.identifier_key):
             _aead.wipe(buf)
 
     def __repr__(self) -> str:
@@ -172,9 +179,10 @@ def read_key_file(path: Path) -> bytearray:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise LockedError(f"no key file at {path} (set KEYRING_HARDENED_KEY_FILE "
-                          "or restore the key file)") from None
+                          "or restore the key file)", "no-key-file") from None
     except OSError as exc:
-        raise LockedError(f"key file {path} cannot be read: {exc.strerror}") from None
+        raise LockedError(f"key file {path} cannot be read: {exc.strerror}",
+                          "key-file-unreadable") from None
     try:
         st = os.fstat(fd)
         # As ssh does with private keys: a key others can read is not a secret.
@@ -186,7 +194,8 @@ def read_key_file(path: Path) -> bytearray:
         os.close(fd)
     if len(data) != _aead.KEY_LEN:
         _aead.wipe(data)
-        raise LockedError(f"key file {path} is damaged: it must hold exactly 32 bytes")
+        raise LockedError(f"key file {path} is damaged: it must hold exactly 32 bytes",
+                          "key-file-damaged")
     return data
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .audit import Event
 from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
 
 __all__ = [
@@ -80,6 +81,39 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX secret_versions_by_kek ON secret_versions (kek_version)",
     )),
+    ("0002_audit", (
+        """CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY,
+            ts_us INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            op TEXT NOT NULL,
+            service TEXT,
+            username TEXT,
+            outcome TEXT NOT NULL,
+            key_version INTEGER,
+            reason TEXT,
+            mac BLOB NOT NULL
+        )""",
+        "CREATE INDEX audit_events_by_time ON audit_events (ts_us)",
+        # The (seq, mac) the oldest kept event follows: genesis, or the newest
+        # pruned event. Editing it breaks the oldest kept event's mac.
+        """CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            mac BLOB NOT NULL
+        )""",
+        "INSERT INTO audit_anchor (id, seq, mac) VALUES (1, 0, zeroblob(32))",
+        # Failed unlocks cannot be chained (no key); they wait here and are
+        # chained, marked as such, by the next successful unlock.
+        """CREATE TABLE audit_pending (
+            id INTEGER PRIMARY KEY,
+            ts_us INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            op TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT
+        )""",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -134,10 +168,34 @@ class VersionRow(NamedTuple):
     created_at: float
 
 
+_N = type(None)
+_VAULT_TYPES = (bytes, float, str, bytes)
+_KEK_TYPES = (int, str, float, (bytes, _N), int)
+_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes)
+_VERSION_TYPES = (int, int, bytes, bytes, float)
+_EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes)
+
+
+def _typed(row: tuple[Any, ...] | Any, types: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+    """Check each column's Python type: SQLite lets a tampered row hold any type."""
+    for value, expected in zip(row, types, strict=True):
+        # bool is never stored; exact int checks keep True/False out anyway.
+        if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
+            if expected is float and type(value) is int:
+                continue  # SQLite returns whole REAL values as int after some edits
+            raise IntegrityError(f"stored {what} holds a value of the wrong type (tampered?)",
+                                 "column-type")
+    return tuple(row)
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
     """Map a sqlite3 error to the error class a caller can act on."""
     name = getattr(exc, "sqlite_errorname", "")
     text = str(exc)
+    if "Could not decode to UTF-8" in text:
+        # The message quotes the column's bytes: never pass it on.
+        return IntegrityError(f"vault database {path} holds text that is not UTF-8 "
+                              "(tampered?)", "column-encoding")
     if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "no such table" in text \
             or "no such column" in text or isinstance(exc, sqlite3.IntegrityError):
         return IntegrityError(f"vault database {path} is damaged ({name or 'schema'}); "
@@ -306,16 +364,18 @@ class SQLiteStorage:
 
     def vault(self) -> VaultRecord:
         """The vault record; its absence is damage."""
-        rows = self._rows("SELECT vault_id, created_at, kdf, verifier FROM vault WHERE id = 1")
+        rows = self._rows("SELECT CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB)"
+                          " FROM vault WHERE id = 1")
         if not rows:
             raise IntegrityError(f"vault database {self.path} has no vault record; "
                                  "restore it from a backup")
-        return VaultRecord(*rows[0])
+        return VaultRecord(*_typed(rows[0], _VAULT_TYPES, "vault record"))
 
     def keks(self) -> list[KekRecord]:
         """Every KEK version, oldest first."""
-        return [KekRecord(*r) for r in self._rows(
-            "SELECT version, state, created_at, wrapped, wrap_count FROM keks ORDER BY version")]
+        return [KekRecord(*_typed(r, _KEK_TYPES, "key record")) for r in self._rows(
+            "SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count FROM keks"
+            " ORDER BY version")]
 
     def active_kek_version(self) -> int | None:
         """The version new writes use."""
@@ -329,27 +389,30 @@ class SQLiteStorage:
     # -- credentials ----------------------------------------------------------
 
     _HEAD = ("SELECT id, service, username, current_version, last_version, created_at, "
-             "updated_at, mac FROM credentials")
+             "updated_at, CAST(mac AS BLOB) FROM credentials")
 
     def head(self, service: str, username: str) -> HeadRow | None:
         """The head row of a credential, deleted or not."""
         rows = self._rows(self._HEAD + " WHERE service = ? AND username = ?", (service, username))
-        return HeadRow(*rows[0]) if rows else None
+        return HeadRow(*_typed(rows[0], _HEAD_TYPES, "credential record")) if rows else None
 
     def read(self, service: str, username: str, version: int | None
              ) -> tuple[HeadRow, VersionRow | None] | None:
         """A head and one of its versions (the current one when ``version`` is None)."""
         rows = self._rows(
             "SELECT c.id, c.service, c.username, c.current_version, c.last_version, c.created_at,"
-            " c.updated_at, c.mac, v.version, v.kek_version, v.wrapped_key, v.ciphertext,"
+            " c.updated_at, CAST(c.mac AS BLOB), v.version, v.kek_version,"
+            " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB),"
             " v.created_at FROM credentials c LEFT JOIN secret_versions v"
             " ON v.credential_id = c.id AND v.version = coalesce(?, c.current_version)"
             " WHERE c.service = ? AND c.username = ?", (version, service, username))
         if not rows:
             return None
         row = rows[0]
-        head = HeadRow(*row[:8])
-        return head, (VersionRow(*row[8:]) if row[8] is not None else None)
+        head = HeadRow(*_typed(row[:8], _HEAD_TYPES, "credential record"))
+        if row[8] is None:
+            return head, None
+        return head, VersionRow(*_typed(row[8:], _VERSION_TYPES, "version record"))
 
     def new_head(self, service: str, username: str, now: float, mac: bytes) -> HeadRow:
         """Insert the head of a credential that has never existed."""
@@ -375,10 +438,11 @@ class SQLiteStorage:
 
     def version(self, head_id: int, version: int) -> VersionRow | None:
         """One stored version of a credential."""
-        rows = self._rows("SELECT version, kek_version, wrapped_key, ciphertext, created_at"
+        rows = self._rows("SELECT version, kek_version, CAST(wrapped_key AS BLOB),"
+                          " CAST(ciphertext AS BLOB), created_at"
                           " FROM secret_versions WHERE credential_id = ? AND version = ?",
                           (head_id, version))
-        return VersionRow(*rows[0]) if rows else None
+        return VersionRow(*_typed(rows[0], _VERSION_TYPES, "version record")) if rows else None
 
     def versions(self, head_id: int) -> list[tuple[int, int, float]]:
         """(version, KEK version, created) of every kept version, newest first."""
@@ -400,7 +464,8 @@ class SQLiteStorage:
     def heads(self, include_deleted: bool = False) -> list[HeadRow]:
         """Every credential head, by service then username."""
         where = "" if include_deleted else " WHERE current_version IS NOT NULL"
-        return [HeadRow(*r) for r in self._rows(self._HEAD + where + " ORDER BY service, username")]
+        return [HeadRow(*_typed(r, _HEAD_TYPES, "credential record"))
+                for r in self._rows(self._HEAD + where + " ORDER BY service, username")]
 
     def usernames(self, service: str) -> list[str]:
         """Usernames of the live credentials of a service."""
@@ -413,7 +478,9 @@ class SQLiteStorage:
         live, deleted = self._rows(
             "SELECT count(current_version), count(*) - count(current_version) FROM credentials")[0]
         versions, = self._rows("SELECT count(*) FROM secret_versions")[0]
-        return {"credentials": live, "deleted": deleted, "versions": versions}
+        events, = self._rows("SELECT count(*) FROM audit_events")[0]
+        return {"credentials": live, "deleted": deleted, "versions": versions,
+                "audit_events": events}
 
     def keys_in_use(self) -> dict[int, int]:
         """How many stored versions each KEK version wraps."""
@@ -423,6 +490,88 @@ class SQLiteStorage:
     def schema(self) -> list[str]:
         """Names of the applied migrations."""
         return [r[0] for r in self._rows("SELECT name FROM schema_migrations ORDER BY name")]
+
+    # -- audit ----------------------------------------------------------------
+
+    _EVENT = ("SELECT seq, ts_us, actor, op, service, username, outcome, key_version, reason,"
+              " CAST(mac AS BLOB) FROM audit_events")
+
+    def audit_anchor(self) -> tuple[int, bytes]:
+        """The (seq, mac) that the oldest kept event follows."""
+        rows = self._rows("SELECT seq, CAST(mac AS BLOB) FROM audit_anchor WHERE id = 1")
+        if not rows:
+            raise IntegrityError("audit anchor is missing", "audit-anchor")
+        seq, mac = _typed(rows[0], (int, bytes), "audit anchor")
+        return seq, mac
+
+    def audit_head(self) -> tuple[int, bytes]:
+        """The (seq, mac) of the newest event, or the anchor when there is none."""
+        rows = self._rows("SELECT seq, CAST(mac AS BLOB) FROM audit_events"
+                          " ORDER BY seq DESC LIMIT 1")
+        if not rows:
+            return self.audit_anchor()
+        seq, mac = _typed(rows[0], (int, bytes), "audit event")
+        return seq, mac
+
+    def append_event(self, event: Event) -> None:
+        """Insert one chained event (inside the caller's transaction)."""
+        self._run("INSERT INTO audit_events (seq, ts_us, actor, op, service, username, outcome,"
+                  " key_version, reason, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", event)
+
+    def events(self, after: int = 0, through: int | None = None,
+               newest_first: bool = False) -> Iterator[Event]:
+        """Events with ``after < seq <= through``, fetched in batches."""
+        order = "DESC" if newest_first else "ASC"
+        try:
+            cur = self._conn.execute(
+                self._EVENT + f" WHERE seq > ? AND seq <= ? ORDER BY seq {order}",
+                (after, through if through is not None else 2**62))
+            while batch := cur.fetchmany(2048):
+                for row in batch:
+                    yield Event(*_typed(row, _EVENT_TYPES, f"audit event {row[0]}"))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def events_before(self, ts_us: int) -> int:
+        """The seq of the newest event older than ``ts_us`` (0 if none)."""
+        rows = self._rows("SELECT max(seq) FROM audit_events WHERE ts_us < ?", (ts_us,))
+        return rows[0][0] or 0
+
+    def drop_events_through(self, seq: int, mac: bytes) -> None:
+        """Delete events up to ``seq`` and make ``(seq, mac)`` the anchor."""
+        self._run("DELETE FROM audit_events WHERE seq <= ?", (seq,))
+        self._run("UPDATE audit_anchor SET seq = ?, mac = ? WHERE id = 1", (seq, mac))
+
+    def add_pending(self, ts_us: int, actor: str, op: str, outcome: str,
+                    reason: str | None) -> None:
+        """Record an event that cannot be chained yet (its own transaction)."""
+        with self.transaction():
+            self._run("INSERT INTO audit_pending (ts_us, actor, op, outcome, reason)"
+                      " VALUES (?, ?, ?, ?, ?)", (ts_us, actor, op, outcome, reason))
+
+    def has_pending(self) -> bool:
+        """Whether failed unlocks wait to be chained."""
+        return bool(self._rows("SELECT 1 FROM audit_pending LIMIT 1"))
+
+    def take_pending(self) -> list[tuple[int, str, str, str, str | None]]:
+        """Remove and return the waiting events, oldest first (inside a transaction)."""
+        rows = self._rows("SELECT ts_us, actor, op, outcome, reason FROM audit_pending"
+                          " ORDER BY id")
+        self._run("DELETE FROM audit_pending")
+        return [tuple(r) for r in rows]
+
+    def savepoint(self) -> None:
+        """Open a savepoint inside the current transaction."""
+        self._run("SAVEPOINT op")
+
+    def release_savepoint(self) -> None:
+        """Keep what was done since :meth:`savepoint`."""
+        self._run("RELEASE op")
+
+    def rollback_savepoint(self) -> None:
+        """Undo what was done since :meth:`savepoint`, keeping the transaction open."""
+        self._run("ROLLBACK TO op")
+        self._run("RELEASE op")
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (after a purge)."""

@@ -9,6 +9,8 @@ or not at all.
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import os
 import struct
 import threading
@@ -16,18 +18,29 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import envelope
+from . import audit, envelope
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
-from .errors import IntegrityError, LockedError, NotFoundError, UsageError
+from .errors import (
+    HardenedError,
+    IntegrityError,
+    LockedError,
+    NotFoundError,
+    StorageError,
+    UsageError,
+)
 from .location import Location, default_actor, validate_actor
 from .passphrase import PassphraseProvider
 from .passphrase import provider as passphrase_provider
 from .rootkey import KdfParams, RootKey, create_key_file, derive_from_passphrase, read_key_file
 from .secret import Secret
+from .sinks import Sinks
 from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
+
+if TYPE_CHECKING:
+    from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Store", "VersionInfo"]
 
@@ -37,6 +50,17 @@ MAX_NAME_BYTES = 4096
 MAX_SECRET_BYTES = 1 << 20
 MIN_PASSPHRASE_CHARS = 8
 _VAULT_ID_LEN = 16
+T = TypeVar("T")
+
+
+class _Note:
+    """What an operation's body tells its audit event."""
+
+    __slots__ = ("key_version", "reason")
+
+    def __init__(self) -> None:
+        self.key_version: int | None = None
+        self.reason: str | None = None
 
 
 class CredentialInfo(NamedTuple):
@@ -98,6 +122,15 @@ def _source(cfg: Config, passphrase: str | None,
     return passphrase_provider(cfg, prompt)
 
 
+def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
+                    exc: HardenedError) -> None:
+    """Keep a failed unlock for the trail; it is chained at the next good unlock."""
+    # The unlock failed anyway; a vault we cannot write (read-only media)
+    # must still answer with the real reason, not a storage error.
+    with contextlib.suppress(HardenedError):
+        storage.add_pending(int(clock() * 1_000_000), actor, "unlock", exc.kind, exc.reason)
+
+
 def _make_home(home: Path) -> None:
     """Create the vault folder with mode 0700, whatever the umask."""
     if not home.exists():
@@ -126,7 +159,14 @@ class Store:
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._closed = False
-        self._load_keks()
+        self._sinks = Sinks(config.audit_sinks)
+
+    @property
+    def trail(self) -> AuditTrail:
+        """The audit trail of this vault: verify, show, export, checkpoint, prune."""
+        from .trail import AuditTrail
+
+        return AuditTrail(self)
 
     def __repr__(self) -> str:
         return f"Store(home={str(self.location.home)!r}, {'closed' if self._closed else 'open'})"
@@ -162,11 +202,30 @@ class Store:
             storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             vault = storage.vault()
-            root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
-            return cls(location, cfg, storage, vault, root, clock, who)
+            try:
+                root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
+            except LockedError as exc:
+                _record_pending(storage, clock, who, exc)
+                raise
+            return cls._ready(location, cfg, storage, vault, root, clock, who)
         except BaseException:
             storage.close()
             raise
+
+    @classmethod
+    def _ready(cls, location: Location, cfg: Config, storage: SQLiteStorage,
+               vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> Store:
+        """Finish unlocking: unwrap the KEKs and chain any failed unlocks seen meanwhile."""
+        store = cls(location, cfg, storage, vault, root, clock, actor)
+        try:
+            store._load_keks()
+        except IntegrityError as exc:
+            store._record_failure("unlock", exc)
+            store.close()
+            raise
+        if storage.has_pending():
+            store._fold_pending()
+        return store
 
     @classmethod
     def init(cls, home: str | os.PathLike[str] | None = None, *, passphrase_mode: bool = False,
@@ -234,7 +293,14 @@ class Store:
         finally:
             kek.wipe()
         storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
-        return cls(location, cfg, storage, storage.vault(), root, clock, actor)
+        store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
+
+        def created(storage: SQLiteStorage, note: _Note) -> None:
+            note.key_version = 1
+            note.reason = params.algorithm
+
+        store._run("init", None, None, created)
+        return store
 
     @staticmethod
     def _unlock(location: Location, vault: VaultRecord,
@@ -242,16 +308,17 @@ class Store:
         params = KdfParams.from_json(vault.kdf)
         if params.uses_passphrase:
             material = derive_from_passphrase(params, passphrase())
-            wrong = "wrong passphrase"
+            wrong, reason = "wrong passphrase", "wrong-passphrase"
         else:
             material = read_key_file(location.key_file)
             wrong = f"wrong key file: {location.key_file} does not open this vault"
+            reason = "wrong-key"
         root = RootKey(material, vault.vault_id)
         # The verifier tells a wrong key (locked) apart from damaged key records
         # (integrity), without decrypting anything.
         if not root.matches(vault.vault_id, vault.verifier):
             root.close()
-            raise LockedError(wrong)
+            raise LockedError(wrong, reason)
         return root
 
     def _load_keks(self) -> None:
@@ -263,7 +330,8 @@ class Store:
                     self._root.wrap, self._vault.vault_id, record.version, record.wrapped)
             except DecryptFailed:
                 raise IntegrityError(f"key version {record.version} failed its integrity "
-                                     "check; restore the vault from a backup") from None
+                                     "check; restore the vault from a backup",
+                                     "kek-damaged") from None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -281,26 +349,103 @@ class Store:
                 self._pid = os.getpid()
             yield self._storage
 
+    def _ident(self, name: str | None) -> str | None:
+        """A name as the audit trail stores it: itself, or its keyed hash."""
+        if name is None or not self.config.audit_hmac_identifiers:
+            return name
+        return audit.hash_identifier(self._root.identifier_key, name)
+
+    def _append(self, storage: SQLiteStorage, op: str, service: str | None,
+                username: str | None, failure: HardenedError | None,
+                key_version: int | None, reason: str | None = None) -> audit.Event:
+        """Chain one event onto the trail, inside the caller's write transaction."""
+        seq, prev = storage.audit_head()
+        event = audit.Event(seq + 1, int(self._clock() * 1_000_000), self.actor, op,
+                            self._ident(service), self._ident(username),
+                            failure.kind if failure else "ok", key_version,
+                            (failure.reason if failure else None) or reason)
+        event = event._replace(mac=audit.chain_mac(self._root.audit_key, prev, event))
+        storage.append_event(event)
+        return event
+
+    def _run(self, op: str, service: str | None, username: str | None,
+             body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False) -> T:
+        """Run ``body`` and append its audit event in one write transaction.
+
+        A failure of the body is audited too (its changes undone first, the
+        event kept) and then raised. If the event cannot be written, nothing
+        the body did is kept and nothing is returned: fail closed.
+        """
+        note = _Note()
+        failure: HardenedError | None = None
+        with self._guard() as storage:
+            try:
+                with storage.transaction():
+                    if writes:
+                        storage.savepoint()
+                    try:
+                        result = body(storage, note)
+                    except HardenedError as exc:
+                        if writes:
+                            storage.rollback_savepoint()
+                        failure = exc
+                    else:
+                        if writes:
+                            storage.release_savepoint()
+                    try:
+                        event = self._append(storage, op, service, username, failure,
+                                             note.key_version, note.reason)
+                    except HardenedError as exc:
+                        raise StorageError(f"the audit trail could not be written ({exc}); "
+                                           f"the {op} was not performed",
+                                           "audit-write") from None
+            except HardenedError as exc:
+                if failure is not None and exc.reason != "audit-write":
+                    raise failure from None  # the transaction itself failed: report the cause
+                raise
+        self._sinks.emit(event)
+        if failure is not None:
+            raise failure
+        return result
+
+    def _record_failure(self, op: str, exc: HardenedError) -> None:
+        """Audit a failure that happened outside :meth:`_run` (unlock)."""
+        with self._guard() as storage, storage.transaction():
+            event = self._append(storage, op, None, None, exc, None)
+        self._sinks.emit(event)
+
+    def _fold_pending(self) -> None:
+        """Chain the failed unlocks recorded while nobody held the key."""
+        with self._guard() as storage, storage.transaction():
+            emitted = []
+            for ts_us, actor, op, outcome, reason in storage.take_pending():
+                seq, prev = storage.audit_head()
+                event = audit.Event(seq + 1, ts_us, actor, op, None, None, outcome, None,
+                                    f"{reason or outcome}; recorded before unlock")
+                event = event._replace(mac=audit.chain_mac(self._root.audit_key, prev, event))
+                storage.append_event(event)
+                emitted.append(event)
+        for event in emitted:
+            self._sinks.emit(event)
+
     def _head_mac(self, service: str, username: str, current: int | None, last: int) -> bytes:
         data = b"".join(struct.pack(">I", len(p)) + p for p in (
             self._vault.vault_id, service.encode(), username.encode()))
         return self._root.record_mac(data + struct.pack(">QQ", current or 0, last))
 
     def _verify_head(self, head: HeadRow) -> None:
-        import hmac
-
         expected = self._head_mac(head.service, head.username, head.current_version,
                                   head.last_version)
         if not hmac.compare_digest(expected, head.mac):
             raise IntegrityError(f"{_label(head.service, head.username)}: "
-                                 "integrity check failed")
+                                 "integrity check failed", "head-mac")
 
     def _kek(self, version: int) -> Kek:
         if version not in self._keks:
             self._load_keks()  # another process may have rotated since we unlocked
         kek = self._keks.get(version)
         if kek is None:
-            raise IntegrityError(f"key version {version} is not available")
+            raise IntegrityError(f"key version {version} is not available", "kek-unavailable")
         return kek
 
     def _decrypt(self, head: HeadRow, row: VersionRow) -> str:
@@ -310,16 +455,20 @@ class Store:
             data = envelope.open_secret(kek, place, Sealed(row.kek_version, row.wrapped_key,
                                                             row.ciphertext))
             return data.decode("utf-8")
-        except (DecryptFailed, IntegrityError, UnicodeDecodeError):
+        except (DecryptFailed, IntegrityError, UnicodeDecodeError) as exc:
             # One opaque error for every way decryption can fail: no oracle.
+            # Which check failed goes to the audit record only.
+            reason = (exc.reason if isinstance(exc, IntegrityError)
+                      else exc.args[0] if isinstance(exc, DecryptFailed) and exc.args
+                      else "utf-8")
             raise IntegrityError(f"{_label(head.service, head.username)}: integrity check "
-                                 "failed") from None
+                                 "failed", reason) from None
 
     def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
-                       now: float) -> int:
+                       now: float, note: _Note) -> int:
         active = storage.active_kek_version()
         if active is None:
-            raise IntegrityError("the vault has no active key version")
+            raise IntegrityError("the vault has no active key version", "no-active-kek")
         kek = self._kek(active)
         version = head.last_version + 1
         place = Place(self._vault.vault_id, head.service, head.username, version)
@@ -331,12 +480,13 @@ class Store:
         storage.count_wrap(kek.version)
         if version > self.config.max_versions:
             storage.prune(head.id, self.config.max_versions)
+        note.key_version = kek.version
         return version
 
     def _existing(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow:
         head = storage.head(service, username)
         if head is None:
-            raise NotFoundError(f"no credential for {_label(service, username)}")
+            raise NotFoundError(f"no credential for {_label(service, username)}", "no-credential")
         self._verify_head(head)
         return head
 
@@ -349,28 +499,35 @@ class Store:
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)
                                     or version < 1):
             raise UsageError("version must be a positive integer")
-        with self._guard() as storage:
+
+        def body(storage: SQLiteStorage, note: _Note) -> Secret:
             found = storage.read(service, username, version)
             if found is None:
-                raise NotFoundError(f"no credential for {_label(service, username)}")
+                raise NotFoundError(f"no credential for {_label(service, username)}",
+                                    "no-credential")
             head, row = found
             self._verify_head(head)
             if head.current_version is None:
-                raise NotFoundError(f"credential for {_label(service, username)} is deleted")
+                raise NotFoundError(f"credential for {_label(service, username)} is deleted",
+                                    "deleted")
             if row is None:
                 if version is None:
                     raise IntegrityError(f"{_label(service, username)}: current version "
-                                         "is missing")
+                                         "is missing", "missing-version")
                 raise NotFoundError(f"version {version} of {_label(service, username)} "
-                                    "is not kept")
+                                    "is not kept", "not-kept")
+            note.key_version = row.kek_version
             return Secret(self._decrypt(head, row))
+
+        return self._run("read", service, username, body)
 
     def set(self, service: str, username: str, secret: str | Secret) -> int:
         """Store a new version of a credential; returns its version number."""
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
         data = _secret_bytes(secret)
-        with self._guard() as storage, storage.transaction():
+
+        def body(storage: SQLiteStorage, note: _Note) -> int:
             now = self._clock()
             head = storage.head(service, username)
             if head is None:
@@ -378,25 +535,29 @@ class Store:
                                         self._head_mac(service, username, None, 0))
             else:
                 self._verify_head(head)
-            return self._write_version(storage, head, data, now)
+            return self._write_version(storage, head, data, now, note)
+
+        return self._run("write", service, username, body, writes=True)
 
     def delete(self, service: str, username: str, *, purge: bool = False) -> None:
         """Delete a credential; kept versions stay for ``rollback`` unless ``purge``."""
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
-        with self._guard() as storage:
-            with storage.transaction():
-                head = self._existing(storage, service, username)
-                if purge:
-                    storage.purge(head.id)
-                elif head.current_version is None:
-                    raise NotFoundError(f"credential for {_label(service, username)} "
-                                        "is already deleted")
-                else:
-                    storage.update_head(head.id, None, head.last_version, self._clock(),
-                                        self._head_mac(service, username, None,
-                                                       head.last_version))
+
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            head = self._existing(storage, service, username)
             if purge:
+                storage.purge(head.id)
+            elif head.current_version is None:
+                raise NotFoundError(f"credential for {_label(service, username)} "
+                                    "is already deleted", "deleted")
+            else:
+                storage.update_head(head.id, None, head.last_version, self._clock(),
+                                    self._head_mac(service, username, None, head.last_version))
+
+        self._run("purge" if purge else "delete", service, username, body, writes=True)
+        if purge:
+            with self._guard() as storage:
                 # Fold the WAL so freed pages are zeroed in the database file too.
                 storage.checkpoint()
 
@@ -410,56 +571,66 @@ class Store:
         _check_name("username", username, allow_empty=True)
         if to_version is not None and (isinstance(to_version, bool) or to_version < 1):
             raise UsageError("version must be a positive integer")
-        with self._guard() as storage, storage.transaction():
+
+        def body(storage: SQLiteStorage, note: _Note) -> int:
             head = self._existing(storage, service, username)
             kept = [v for v, _, _ in storage.versions(head.id)]
-            if to_version is None:
+            target = to_version
+            if target is None:
                 earlier = [v for v in kept if head.current_version is None
                            or v < head.current_version]
                 if not earlier:
                     raise NotFoundError(f"no earlier version of {_label(service, username)} "
-                                        "to roll back to")
-                to_version = earlier[0]
-            if to_version == head.current_version:
-                raise UsageError(f"version {to_version} of {_label(service, username)} "
-                                 "is already current")
-            row = storage.version(head.id, to_version)
+                                        "to roll back to", "no-earlier-version")
+                target = earlier[0]
+            if target == head.current_version:
+                raise UsageError(f"version {target} of {_label(service, username)} "
+                                 "is already current", "already-current")
+            row = storage.version(head.id, target)
             if row is None:
-                raise NotFoundError(f"version {to_version} of {_label(service, username)} "
-                                    "is not kept")
+                raise NotFoundError(f"version {target} of {_label(service, username)} "
+                                    "is not kept", "not-kept")
             value = self._decrypt(head, row)
-            return self._write_version(storage, head, value.encode("utf-8"), self._clock())
+            note.reason = f"from-version-{target}"
+            return self._write_version(storage, head, value.encode("utf-8"), self._clock(), note)
+
+        return self._run("rollback", service, username, body, writes=True)
 
     def credentials(self) -> list[CredentialInfo]:
         """Every live credential (names and versions only)."""
-        with self._guard() as storage:
-            return [CredentialInfo(h.service, h.username, h.current_version or 0, h.updated_at)
-                    for h in storage.heads()]
+        return self._run("list", None, None, lambda storage, note: [
+            CredentialInfo(h.service, h.username, h.current_version or 0, h.updated_at)
+            for h in storage.heads()])
 
     def usernames(self, service: str) -> list[str]:
         """The usernames of a service's live credentials, most recently updated first."""
         _check_name("service", service, allow_empty=False)
-        with self._guard() as storage:
-            return storage.usernames(service)
+        return self._run("lookup", service, None,
+                         lambda storage, note: storage.usernames(service))
 
     def history(self, service: str, username: str) -> list[VersionInfo]:
         """Kept versions of a credential, newest first (no values)."""
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
-        with self._guard() as storage, storage.snapshot():
+
+        def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
             return [VersionInfo(v, k, created, v == head.current_version)
                     for v, k, created in storage.versions(head.id)]
 
+        return self._run("history", service, username, body)
+
     def status(self) -> dict[str, Any]:
         """Facts about the vault for ``status``: no secret, no key material."""
-        with self._guard() as storage, storage.snapshot():
-            counts = storage.counts()
+
+        def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
             in_use = storage.keys_in_use()
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
                     for k in storage.keks()]
-            schema = storage.schema()
+            return {"counts": storage.counts(), "keys": keks, "schema": storage.schema()}
+
+        found = self._run("status", None, None, body)
         return {
             "home": str(self.location.home),
             "database": str(self.location.database),
@@ -468,12 +639,12 @@ class Store:
             "kdf": self._kdf.describe(),
             "vault_id": self._vault.vault_id.hex(),
             "created_at": self._vault.created_at,
-            "schema": schema,
+            "schema": found["schema"],
             "max_versions": self.config.max_versions,
             "synchronous": self.config.synchronous,
             "config": str(self.config.path) if self.config.path else None,
-            "keys": keks,
-            **counts,
+            "keys": found["keys"],
+            **found["counts"],
             "warnings": self._warnings(),
         }
 

@@ -53,7 +53,14 @@ argon2_lanes = 2
 pbkdf2_iterations = 1000000
 [backend]
 priority = 20
+[audit]
+sinks = ["syslog", "file:/var/log/kh.jsonl"]
+hmac_identifiers = true
+keep = "365d"
 """)
+    assert cfg.audit_sinks == ("syslog", "file:/var/log/kh.jsonl")
+    assert cfg.audit_hmac_identifiers is True
+    assert cfg.audit_keep == 365 * 86400
     assert cfg.max_versions == 3
     assert cfg.passphrase_command == ("pass", "show", "my vault")
     assert cfg.synchronous == "full"
@@ -89,6 +96,11 @@ def test_command_as_list(tmp_path: Path) -> None:
     ("[[policies]]\nactors = ['*']", "policies: access policies are not supported"),
     ("[[rate_limits]]\nlimit = 1", "rate_limits: rate limits are not supported"),
     ("max_versions = ", "invalid TOML"),
+    ("[audit]\nsinks = 'syslog'", "audit.sinks: expected a list of strings"),
+    ("[audit]\nsinks = ['file:']", r"audit.sinks\[0\]: must be"),
+    ("[audit]\nsinks = ['email']", r"audit.sinks\[0\]: must be"),
+    ("[audit]\nhmac_identifiers = 'yes'", "audit.hmac_identifiers: expected true or false"),
+    ("[audit]\nkeep = 'forever'", "audit.keep: expected a positive duration"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:

@@ -27,7 +27,7 @@ def test_pragmas_and_schema(db: Path) -> None:
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert st.schema() == ["0001_initial"]
+        assert st.schema() == ["0001_initial", "0002_audit"]
         assert conn.isolation_level is None
     finally:
         st.close()
@@ -37,13 +37,14 @@ def test_pragmas_and_schema(db: Path) -> None:
 
 
 def test_new_migration_is_applied_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    extra = (*storage.MIGRATIONS, ("0002_example", ("CREATE TABLE example (x INTEGER)",)))
+    known = storage.MIGRATIONS
+    extra = (*known, ("9000_example", ("CREATE TABLE example (x INTEGER)",)))
     monkeypatch.setattr(storage, "MIGRATIONS", extra)
     st = SQLiteStorage.open(db)
-    assert st.schema() == ["0001_initial", "0002_example"]
-    assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert st.schema() == [*(name for name, _ in known), "9000_example"]
+    assert st._conn.execute("PRAGMA user_version").fetchone()[0] == len(extra)
     st.close()
-    monkeypatch.setattr(storage, "MIGRATIONS", extra[:1])
+    monkeypatch.setattr(storage, "MIGRATIONS", known)
     with pytest.raises(UsageError, match="newer than this keyring-hardened supports"):
         SQLiteStorage.open(db)
 
@@ -61,12 +62,16 @@ def test_busy_beyond_timeout_is_storage_error(db: Path) -> None:
     blocker.execute("BEGIN IMMEDIATE")
     try:
         with Store.open(db.parent, config=Config(busy_timeout=0.2)) as s:
-            assert s.get("svc", "u").reveal() == "x"  # WAL readers are not blocked
+            # Reads append an audit event, so they wait for the writer too.
+            with pytest.raises(StorageError, match="busy"):
+                s.get("svc", "u")
             with pytest.raises(StorageError, match="busy"):
                 s.set("svc", "u", "y")
+            blocker.rollback()
             assert s.get("svc", "u").reveal() == "x"
     finally:
-        blocker.rollback()
+        if blocker.in_transaction:
+            blocker.rollback()
         blocker.close()
 
 

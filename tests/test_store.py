@@ -116,11 +116,11 @@ def test_purge_of_a_deleted_credential(store: Store) -> None:
 
 
 def test_list_and_usernames(store: Store) -> None:
-    clock_values = iter([1.0, 2.0, 3.0])
-    store._clock = lambda: next(clock_values)
-    store.set("b", "x", "1")
-    store.set("a", "y", "2")
-    store.set("a", "z", "3")
+    clock = FrozenClock()
+    store._clock = clock
+    for service, user in (("b", "x"), ("a", "y"), ("a", "z")):
+        clock.advance(1)
+        store.set(service, user, "secret")
     assert [(c.service, c.username, c.version) for c in store.credentials()] == [
         ("a", "y", 1), ("a", "z", 1), ("b", "x", 1)]
     assert store.usernames("a") == ["z", "y"]

@@ -212,3 +212,43 @@ def test_garbage_file_is_refused(home: Path) -> None:
     (home / "vault.db").write_bytes(os.urandom(8192))
     with pytest.raises(IntegrityError):
         Store.open(home)
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE secret_versions SET ciphertext = CAST(x'ff00' AS TEXT)",
+    "UPDATE credentials SET service = CAST(x'ff' AS TEXT) WHERE username = 'alice'",
+    "UPDATE credentials SET service = x'73766300' WHERE username = 'alice'",
+    "UPDATE credentials SET current_version = 'two' WHERE username = 'alice'",
+    "UPDATE secret_versions SET kek_version = 'one'",
+    "UPDATE secret_versions SET created_at = 'yesterday'",
+    "UPDATE credentials SET mac = 5 WHERE username = 'alice'",
+])
+def test_values_of_the_wrong_type_are_integrity_errors(vault: Path, statement: str) -> None:
+    _db(vault, lambda c: _exec(c, statement))
+    got = run_cli("get", "svc", "alice", home=vault)
+    listed = run_cli("list", home=vault)
+    # A renamed row is simply not found under its old name; every other read
+    # of the damaged row is an integrity error.
+    assert got.returncode in (1, 3), got.stderr
+    assert 3 in (got.returncode, listed.returncode)
+    for done in (got, listed):
+        assert len(done.stderr.splitlines()) <= 1
+        assert "\\x" not in done.stderr
+        assert CANARY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("statement", "get_code", "verify_code"), [
+    ("UPDATE vault SET verifier = 'text'", 6, 6),  # a damaged key record reads as locked
+    ("UPDATE vault SET vault_id = 5", 6, 6),
+    ("UPDATE keks SET wrap_count = 'many'", 3, 3),
+    ("UPDATE audit_events SET ts_us = 'noon' WHERE seq = 2", 0, 3),
+    ("UPDATE audit_anchor SET seq = 'zero'", 0, 3),
+])
+def test_wrong_types_in_key_and_audit_records(vault: Path, statement: str, get_code: int,
+                                              verify_code: int) -> None:
+    _db(vault, lambda c: _exec(c, statement))
+    got = run_cli("get", "svc", "alice", home=vault)
+    verified = run_cli("audit", "verify", home=vault)
+    assert (got.returncode, verified.returncode) == (get_code, verify_code), \
+        got.stderr + verified.stderr
+    assert "Traceback" not in got.stderr + verified.stderr

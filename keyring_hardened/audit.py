@@ -1,0 +1,192 @@
+"""The audit chain: pure functions of events, keys and ``now``.
+
+Every event carries ``mac = HMAC-SHA256(audit key, previous mac || canonical
+encoding)``. The audit key is derived from the root key with HKDF and never
+stored, so nobody without the vault's key can forge, edit, insert, reorder
+or delete an event without :func:`verify` noticing. Sequence numbers are
+contiguous, so a deleted event is named by the gap it leaves; truncation of
+the newest events is detected against a checkpoint kept elsewhere.
+
+The canonical encoding is compact JSON of a fixed field list, so other tools
+can recompute a chain from an export given the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+__all__ = [
+    "GENESIS",
+    "OUTCOMES",
+    "Event",
+    "canonical",
+    "chain_mac",
+    "hash_identifier",
+    "verify",
+]
+
+#: The "previous mac" of the first event of a vault.
+GENESIS = bytes(32)
+
+#: What an event's outcome may be: ok, or the kind of the error that ended it.
+OUTCOMES = ("ok", "not-found", "usage", "config", "integrity", "denied", "rate-limited",
+            "locked", "expired", "storage")
+
+
+class Event(NamedTuple):
+    """One audit event. Never holds a secret, a ciphertext or key material."""
+
+    seq: int
+    ts_us: int
+    actor: str
+    op: str
+    service: str | None
+    username: str | None
+    outcome: str
+    key_version: int | None
+    reason: str | None
+    mac: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        """The export form: every field, the time as ISO 8601 too, the mac in hex."""
+        import time
+
+        secs, micros = divmod(self.ts_us, 1_000_000)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+        return {"seq": self.seq, "time": stamp, "ts_us": self.ts_us, "actor": self.actor,
+                "op": self.op, "service": self.service, "username": self.username,
+                "outcome": self.outcome, "key_version": self.key_version,
+                "reason": self.reason, "mac": self.mac.hex()}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Event:
+        """Read the export form back; raises ValueError, KeyError or TypeError if malformed."""
+        ts_us = doc["ts_us"]
+        seq = doc["seq"]
+        key_version = doc["key_version"]
+        for name, v in (("seq", seq), ("ts_us", ts_us)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(name)
+        if key_version is not None and not isinstance(key_version, int):
+            raise TypeError("key_version")
+        strings = [doc[k] for k in ("actor", "op", "outcome")]
+        optional = [doc[k] for k in ("service", "username", "reason")]
+        if not all(isinstance(s, str) for s in strings) or not all(
+                s is None or isinstance(s, str) for s in optional):
+            raise TypeError("text fields")
+        return cls(seq, ts_us, doc["actor"], doc["op"], doc["service"], doc["username"],
+                   doc["outcome"], key_version, doc["reason"], bytes.fromhex(doc["mac"]))
+
+
+def canonical(event: Event) -> bytes:
+    """The bytes the mac covers: compact JSON of every field but the mac."""
+    return json.dumps([event.seq, event.ts_us, event.actor, event.op, event.service,
+                       event.username, event.outcome, event.key_version, event.reason],
+                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def chain_mac(key: bytes | bytearray, previous: bytes, event: Event) -> bytes:
+    """The mac of ``event`` following an event whose mac is ``previous``."""
+    return hmac.new(bytes(key), previous + canonical(event), hashlib.sha256).digest()
+
+
+class VerifyResult(NamedTuple):
+    """The outcome of :func:`verify`."""
+
+    ok: bool
+    verified: int
+    head_seq: int
+    head_mac: bytes
+    first_bad: int | None
+    problem: str | None
+
+
+def verify(key: bytes | bytearray, events: Iterable[Event], anchor_seq: int = 0,
+           anchor_mac: bytes = GENESIS) -> VerifyResult:
+    """Check a chain that continues from ``(anchor_seq, anchor_mac)``.
+
+    Returns at the first bad event: its sequence number and what is wrong
+    (a gap means deleted events; a bad mac means an edited, inserted or
+    reordered one).
+    """
+    prev_seq, prev_mac, count = anchor_seq, anchor_mac, 0
+    raw = bytes(key)
+    for event in events:
+        if event.seq != prev_seq + 1:
+            if event.seq <= prev_seq:
+                problem = f"event {event.seq} is out of order after {prev_seq}"
+            else:
+                problem = f"events {prev_seq + 1} to {event.seq - 1} are missing"
+            return VerifyResult(False, count, prev_seq, prev_mac, event.seq, problem)
+        expected = hmac.new(raw, prev_mac + canonical(event), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, event.mac):
+            return VerifyResult(False, count, prev_seq, prev_mac, event.seq,
+                                f"event {event.seq} does not match its mac (edited, inserted "
+                                "or reordered)")
+        prev_seq, prev_mac, count = event.seq, event.mac, count + 1
+    return VerifyResult(True, count, prev_seq, prev_mac, None, None)
+
+
+_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def parse_since(text: str, now: float) -> float:
+    """When ``--since`` starts, as epoch seconds.
+
+    Accepts a duration back from ``now`` (``90m``, ``3d``), an ISO 8601 date
+    or date-time (local time unless it carries ``Z`` or an offset), a weekday
+    name (its most recent midnight, local time, today included), ``today``
+    and ``yesterday``.
+    """
+    import datetime as dt
+
+    from .config import parse_duration
+    from .errors import UsageError
+
+    word = text.strip().lower()
+    local_now = dt.datetime.fromtimestamp(now).astimezone()
+    midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if word in ("today", "yesterday"):
+        return (midnight - dt.timedelta(days=word == "yesterday")).timestamp()
+    if word in _WEEKDAYS:
+        back = (local_now.weekday() - _WEEKDAYS.index(word)) % 7
+        return (midnight - dt.timedelta(days=back)).timestamp()
+    if word and word[-1] in "smhdw" and word[0].isdigit():
+        return now - parse_duration(word, "since")
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError("since: expected a date (2026-11-24), a date-time, a weekday name, "
+                         "or a duration such as 3d") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.timestamp()
+
+
+def hash_identifier(key: bytes | bytearray, name: str) -> str:
+    """A keyed hash of a service or username, for ``hmac_identifiers``."""
+    digest = hmac.new(bytes(key), name.encode("utf-8"), hashlib.sha256).digest()[:16]
+    return "h:" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def matches(value: str | None, pattern: str | None) -> bool:
+    """Glob match for ``audit show`` filters (None pattern matches anything)."""
+    if pattern is None:
+        return True
+    return value is not None and fnmatch.fnmatchcase(value, pattern)
+
+
+def filtered(events: Iterable[Event], *, since_us: int | None = None, service: str | None = None,
+             actor: str | None = None, op: str | None = None) -> Iterator[Event]:
+    """Events that pass every given filter."""
+    for e in events:
+        if since_us is not None and e.ts_us < since_us:
+            continue
+        if matches(e.service, service) and matches(e.actor, actor) and matches(e.op, op):
+            yield e

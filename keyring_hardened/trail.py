@@ -1,0 +1,265 @@
+"""The audit trail's operations: verify, show, export, checkpoint, prune.
+
+Each is itself an audited operation of the store, run in one transaction.
+Exports and archives are JSON lines: a header line with the vault id and the
+anchor (the seq and mac the first event follows), then one event a line with
+its chain fields, so a copy can be verified away from the vault by anyone
+holding the vault's key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import audit
+from .audit import Event, VerifyResult
+from .errors import IntegrityError, UsageError
+
+if TYPE_CHECKING:
+    from .storage import SQLiteStorage
+    from .store import Store, _Note
+
+__all__ = ["AuditTrail"]
+
+FORMAT = "keyring-hardened audit v1"
+
+
+def _write_jsonl(path: Path, header: dict[str, Any], events: Iterable[Event]) -> int:
+    """Write header and events to ``path`` (0600, replaced atomically); returns the count."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+            for event in events:
+                f.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, Any], list[Event]]:
+    """Read an export or archive; a malformed file is an integrity error naming the line."""
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"audit file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"audit file {path} cannot be read: {exc}") from None
+    try:
+        header = json.loads(lines[0]) if lines else None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError
+        bytes.fromhex(header["anchor_mac"])
+        int(header["anchor_seq"])
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"audit file {path}: line 1 is not a {FORMAT} header") from None
+    events = []
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            events.append(Event.from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(f"audit file {path}: line {n} is not an audit event") from None
+    return header, events
+
+
+class AuditTrail:
+    """The audit operations of one unlocked :class:`~keyring_hardened.store.Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _key(self) -> bytearray:
+        return self._store._root.audit_key
+
+    def _header(self, anchor_seq: int, anchor_mac: bytes) -> dict[str, Any]:
+        return {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
+                "anchor_seq": anchor_seq, "anchor_mac": anchor_mac.hex()}
+
+    def _check_table(self, storage: SQLiteStorage) -> VerifyResult:
+        anchor_seq, anchor_mac = storage.audit_anchor()
+        result = audit.verify(self._key(), storage.events(after=anchor_seq),
+                              anchor_seq, anchor_mac)
+        if result.ok:
+            # The anchor moves only with a prune, and each prune is chained:
+            # an anchor ahead of the last recorded prune means events were cut.
+            pruned = _last_prune(storage)
+            if anchor_seq != pruned:
+                return result._replace(ok=False, first_bad=anchor_seq + 1,
+                                       problem=f"events {pruned + 1} to {anchor_seq} were "
+                                               "removed without a recorded prune")
+        return result
+
+    def verify(self, checkpoint: dict[str, Any] | None = None) -> VerifyResult:
+        """Verify the chain in the vault, and against a checkpoint if given.
+
+        Raises :class:`IntegrityError` naming the first bad sequence number.
+        """
+        def body(storage: SQLiteStorage, note: _Note) -> VerifyResult:
+            result = self._check_table(storage)
+            _raise_if_bad(result)
+            if checkpoint is not None:
+                _check_checkpoint(checkpoint, self._store._vault.vault_id.hex(), storage)
+                note.reason = f"checkpoint-{checkpoint['seq']}"
+            return result
+
+        return self._store._run("audit-verify", None, None, body)
+
+    def verify_file(self, path: Path, checkpoint: dict[str, Any] | None = None) -> VerifyResult:
+        """Verify an export or archive file with this vault's key."""
+        header, events = read_jsonl(path)
+
+        def body(storage: SQLiteStorage, note: _Note) -> VerifyResult:
+            note.reason = "file"
+            if header["vault_id"] != self._store._vault.vault_id.hex():
+                raise IntegrityError(f"audit file {path} belongs to another vault", "vault-id")
+            result = audit.verify(self._key(), events, int(header["anchor_seq"]),
+                                  bytes.fromhex(header["anchor_mac"]))
+            _raise_if_bad(result)
+            if checkpoint is not None:
+                _check_checkpoint_events(checkpoint, header["vault_id"], events)
+            return result
+
+        return self._store._run("audit-verify", None, None, body)
+
+    def show(self, *, since: float | None = None, service: str | None = None,
+             actor: str | None = None, op: str | None = None,
+             limit: int | None = None) -> list[Event]:
+        """Events matching the filters (globs), newest first, at most ``limit``.
+
+        With ``hmac_identifiers`` on, ``service`` must be an exact name: it
+        is hashed the way the trail stores it.
+        """
+        if limit is not None and limit < 1:
+            raise UsageError("limit must be a positive integer")
+        pattern = service
+        if service is not None and self._store.config.audit_hmac_identifiers:
+            pattern = self._store._ident(service)
+
+        def body(storage: SQLiteStorage, note: _Note) -> list[Event]:
+            since_us = int(since * 1_000_000) if since is not None else None
+            found = []
+            for event in audit.filtered(storage.events(newest_first=True), since_us=since_us,
+                                        service=pattern, actor=actor, op=op):
+                found.append(event)
+                if limit is not None and len(found) >= limit:
+                    break
+            return found
+
+        return self._store._run("audit-show", None, None, body)
+
+    def export(self, path: Path) -> int:
+        """Write every kept event, with chain fields, to ``path``; returns the count."""
+        def body(storage: SQLiteStorage, note: _Note) -> int:
+            anchor_seq, anchor_mac = storage.audit_anchor()
+            note.reason = str(path)
+            return _write_jsonl(path, self._header(anchor_seq, anchor_mac),
+                                storage.events(after=anchor_seq))
+
+        return self._store._run("audit-export", None, None, body)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The head of the chain (seq and mac) to keep somewhere else."""
+        def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
+            seq, mac = storage.audit_head()
+            return {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
+                    "seq": seq, "mac": mac.hex()}
+
+        return self._store._run("audit-checkpoint", None, None, body)
+
+    def prune(self, archive: Path, keep: float | None = None) -> int:
+        """Move events older than ``keep`` seconds (config ``[audit] keep``) to ``archive``.
+
+        The archive holds the moved events with their chain fields; the
+        table's anchor becomes the newest archived event, and a chained
+        ``audit-prune`` event records it, so verification spans both.
+        Returns how many events moved.
+        """
+        window = keep if keep is not None else self._store.config.audit_keep
+        if window is None:
+            raise UsageError("no retention set: give --keep or set [audit] keep in config")
+
+        def body(storage: SQLiteStorage, note: _Note) -> int:
+            result = self._check_table(storage)
+            _raise_if_bad(result)  # never archive a chain that does not verify
+            cutoff = int((self._store._clock() - window) * 1_000_000)
+            through = storage.events_before(cutoff)
+            anchor_seq, anchor_mac = storage.audit_anchor()
+            if through <= anchor_seq:
+                note.reason = f"through-{anchor_seq}"
+                return 0
+            moved = list(storage.events(after=anchor_seq, through=through))
+            _write_jsonl(archive, self._header(anchor_seq, anchor_mac), moved)
+            storage.drop_events_through(through, moved[-1].mac)
+            note.reason = f"through-{through}"
+            return len(moved)
+
+        return self._store._run("audit-prune", None, None, body, writes=True)
+
+
+def _last_prune(storage: SQLiteStorage) -> int:
+    """The seq through which the newest recorded prune archived (0 if none)."""
+    for event in storage.events(newest_first=True):
+        if event.op == "audit-prune" and event.outcome == "ok" and event.reason \
+                and event.reason.startswith("through-"):
+            return int(event.reason.removeprefix("through-"))
+    return 0
+
+
+def _raise_if_bad(result: VerifyResult) -> None:
+    if not result.ok:
+        raise IntegrityError(f"audit chain broken at event {result.first_bad}: {result.problem}",
+                             f"audit-chain-{result.first_bad}")
+
+
+def _checkpoint_fields(checkpoint: dict[str, Any], vault_id: str) -> tuple[int, bytes]:
+    try:
+        if checkpoint.get("format") != FORMAT:
+            raise ValueError
+        seq, mac = int(checkpoint["seq"]), bytes.fromhex(checkpoint["mac"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError("checkpoint is not a keyring-hardened audit checkpoint") from None
+    if checkpoint.get("vault_id") != vault_id:
+        raise UsageError("checkpoint belongs to another vault")
+    return seq, mac
+
+
+def _check_checkpoint(checkpoint: dict[str, Any], vault_id: str,
+                      storage: SQLiteStorage) -> None:
+    seq, mac = _checkpoint_fields(checkpoint, vault_id)
+    head_seq, _ = storage.audit_head()
+    anchor_seq, anchor_mac = storage.audit_anchor()
+    if seq == anchor_seq and mac == anchor_mac:
+        return
+    if seq < anchor_seq:
+        raise UsageError(f"the checkpoint names event {seq}, which was pruned into an archive; "
+                         "verify the archive with --file")
+    found = next(iter(storage.events(after=seq - 1, through=seq)), None)
+    _compare_checkpoint(seq, mac, found, head_seq)
+
+
+def _check_checkpoint_events(checkpoint: dict[str, Any], vault_id: str,
+                             events: list[Event]) -> None:
+    seq, mac = _checkpoint_fields(checkpoint, vault_id)
+    found = next((e for e in events if e.seq == seq), None)
+    _compare_checkpoint(seq, mac, found, events[-1].seq if events else 0)
+
+
+def _compare_checkpoint(seq: int, mac: bytes, found: Event | None, head_seq: int) -> None:
+    if found is None:
+        raise IntegrityError(f"audit chain broken at event {head_seq + 1}: the checkpoint names "
+                             f"event {seq} but the chain ends at {head_seq} (truncated)",
+                             "audit-truncated")
+    if found.mac != mac:
+        raise IntegrityError(f"audit chain broken at event {seq}: it differs from the "
+                             "checkpoint", "audit-checkpoint-mismatch")
