@@ -1,6 +1,6 @@
 """The configuration file: TOML, validated against a declared schema.
 
-Each section is a table of :class:`Field` entries; adding a section or an
+Each section is a table of checker functions; adding a section or an
 option is one entry here plus one attribute on :class:`Config`. Unknown keys
 and wrong types are :class:`~keyring_hardened.errors.ConfigError` naming the
 key (``kdf.argon2_iterations``), never echoing a string value, which could be
@@ -43,10 +43,8 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return float(total)
 
 
-class Field(NamedTuple):
-    """One option: its checker turns the TOML value into the stored one or raises."""
-
-    check: Callable[[str, Any], Any]
+#: Checks one option's TOML value and returns the value to store, or raises.
+Check = Callable[[str, Any], Any]
 
 
 def _int(lo: int, hi: int, note: str = "") -> Callable[[str, Any], Any]:
@@ -123,30 +121,30 @@ def _type(value: Any) -> str:
 _FLOOR = f" (OWASP floor {OWASP_ARGON2_FLOOR['memory_kib']} KiB, t=2)"
 
 #: The schema: section name ("" for top level) -> option -> field.
-SCHEMA: dict[str, dict[str, Field]] = {
+SCHEMA: dict[str, dict[str, Check]] = {
     "": {
-        "max_versions": Field(_int(1, 1000)),
-        "passphrase_command": Field(_command),
+        "max_versions": _int(1, 1000),
+        "passphrase_command": _command,
     },
     "storage": {
-        "synchronous": Field(_choice("normal", "full")),
-        "busy_timeout": Field(_duration),
+        "synchronous": _choice("normal", "full"),
+        "busy_timeout": _duration,
     },
     "kdf": {
-        "algorithm": Field(_choice("argon2id", "pbkdf2")),
-        "argon2_memory_kib": Field(_int(OWASP_ARGON2_FLOOR["memory_kib"], 4 * 1024 * 1024, _FLOOR)),
-        "argon2_iterations": Field(_int(OWASP_ARGON2_FLOOR["iterations"], 100, _FLOOR)),
-        "argon2_lanes": Field(_int(1, 64)),
-        "pbkdf2_iterations": Field(_int(PBKDF2_DEFAULT_ITERATIONS, 100_000_000,
-                                        " (OWASP floor for PBKDF2-HMAC-SHA256)")),
+        "algorithm": _choice("argon2id", "pbkdf2"),
+        "argon2_memory_kib": _int(OWASP_ARGON2_FLOOR["memory_kib"], 4 * 1024 * 1024, _FLOOR),
+        "argon2_iterations": _int(OWASP_ARGON2_FLOOR["iterations"], 100, _FLOOR),
+        "argon2_lanes": _int(1, 64),
+        "pbkdf2_iterations": _int(PBKDF2_DEFAULT_ITERATIONS, 100_000_000,
+                                  " (OWASP floor for PBKDF2-HMAC-SHA256)"),
     },
     "backend": {
-        "priority": Field(_number(-1000, 1000)),
+        "priority": _number(-1000, 1000),
     },
     "audit": {
-        "sinks": Field(_sinks),
-        "hmac_identifiers": Field(_bool),
-        "keep": Field(_duration),
+        "sinks": _sinks,
+        "hmac_identifiers": _bool,
+        "keep": _duration,
     },
 }
 
@@ -190,9 +188,9 @@ class Config(NamedTuple):
                     spec = SCHEMA[key].get(sub)
                     if spec is None:
                         raise ConfigError(f"{key}.{sub}: unknown key")
-                    values[_attr(key, sub)] = spec.check(f"{key}.{sub}", subvalue)
+                    values[_attr(key, sub)] = spec(f"{key}.{sub}", subvalue)
             elif key in SCHEMA[""]:
-                values[key] = SCHEMA[""][key].check(key, value)
+                values[key] = SCHEMA[""][key](key, value)
             else:
                 raise ConfigError(f"{key}: unknown key")
         return cls(path=path, **values)

@@ -178,6 +178,8 @@ _EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, 
 
 def _typed(row: tuple[Any, ...] | Any, types: tuple[Any, ...], what: str) -> tuple[Any, ...]:
     """Check each column's Python type: SQLite lets a tampered row hold any type."""
+    if all(map(isinstance, row, types)):  # the common case, checked at C speed
+        return tuple(row)
     for value, expected in zip(row, types, strict=True):
         # bool is never stored; exact int checks keep True/False out anyway.
         if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
@@ -531,6 +533,12 @@ class SQLiteStorage:
                     yield Event(*_typed(row, _EVENT_TYPES, f"audit event {row[0]}"))
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
+
+    def last_event(self, op: str) -> Event | None:
+        """The newest successful event of an operation."""
+        rows = self._rows(self._EVENT + " WHERE op = ? AND outcome = 'ok' ORDER BY seq DESC"
+                          " LIMIT 1", (op,))
+        return Event(*_typed(rows[0], _EVENT_TYPES, "audit event")) if rows else None
 
     def events_before(self, ts_us: int) -> int:
         """The seq of the newest event older than ``ts_us`` (0 if none)."""

@@ -209,11 +209,10 @@ class AuditTrail:
 
 def _last_prune(storage: SQLiteStorage) -> int:
     """The seq through which the newest recorded prune archived (0 if none)."""
-    for event in storage.events(newest_first=True):
-        if event.op == "audit-prune" and event.outcome == "ok" and event.reason \
-                and event.reason.startswith("through-"):
-            return int(event.reason.removeprefix("through-"))
-    return 0
+    event = storage.last_event("audit-prune")
+    if event is None or not (event.reason or "").startswith("through-"):
+        return 0
+    return int((event.reason or "").removeprefix("through-"))
 
 
 def _raise_if_bad(result: VerifyResult) -> None:
