@@ -67,7 +67,10 @@ def _tty() -> bool:
 def _open(args: argparse.Namespace, create: bool = False) -> Any:
     from .store import Store
 
-    return Store.open(args.home, prompt=_prompt_once if _tty() else None, create=create)
+    store = Store.open(args.home, prompt=_prompt_once if _tty() else None, create=create)
+    for notice in store.notices:
+        sys.stderr.write(f"{PROG}: note: {notice}\n")
+    return store
 
 
 def _read_secret(args: argparse.Namespace) -> str:
@@ -204,6 +207,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for k in info["keys"]:
         print(f"key version {k['version']}: {k['state']}, created {_stamp(k['created_at'])}, "
               f"{k['versions']} versions, {k['wrap_count']} wraps")
+    rot = info["rotation"]
+    if rot.get("active_version") is not None:
+        when = (f"by {_stamp(rot['due_at'])} (rotate_after)" if rot["due_at"] is not None
+                else "not scheduled (no rotate_after)")
+        print(f"next rotation: {when}, or after {rot['wraps_left']:,} more wraps")
     print(f"schema: {', '.join(info['schema'])}")
     print(f"config: {info['config'] or 'defaults (no config file)'}")
     for warning in info["warnings"]:
@@ -318,6 +326,100 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_list(args: argparse.Namespace) -> int:
+    """List KEK versions: state, creation time, data keys wrapped, wrap count."""
+    with _open(args) as store:
+        keys = store.keys.versions()
+    if args.json:
+        json.dump([{"version": k.version, "state": k.state, "created_at": _stamp(k.created_at),
+                    "data_keys": k.data_keys, "wrap_count": k.wrap_count} for k in keys],
+                  sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _table([["VERSION", "STATE", "CREATED", "DATA KEYS", "WRAPS"]]
+               + [[str(k.version), k.state, _stamp(k.created_at), str(k.data_keys),
+                   str(k.wrap_count)] for k in keys], sys.stdout)
+    return 0
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    """Add a KEK version; new writes use it at once."""
+    with _open(args) as store:
+        version = store.keys.rotate()
+    sys.stderr.write(f"key version {version} is active; older versions stay readable "
+                     f"(run: {PROG} key rewrap, then key retire --below {version})\n")
+    return 0
+
+
+def _progress() -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A progress bar on a terminal (tqdm if installed, else a plain counter)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def plain(done: int, total: int) -> None:
+            sys.stderr.write(f"\rrewrapped {done}/{total}")
+            sys.stderr.flush()
+
+        def newline() -> None:
+            sys.stderr.write("\n")
+        return plain, newline
+    bar = tqdm(total=0, unit="key", desc="rewrap", file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    return update, bar.close
+
+
+def cmd_key_rewrap(args: argparse.Namespace) -> int:
+    """Re-wrap data keys under older KEK versions with the newest, in batches."""
+    progress, finish = _progress()
+    try:
+        with _open(args) as store:
+            summary = store.keys.rewrap(batch=args.batch, progress=progress)
+    finally:
+        finish()
+    rate = summary.rewrapped / summary.seconds if summary.seconds else 0.0
+    sys.stderr.write(f"rewrapped {summary.rewrapped} data keys to key version "
+                     f"{summary.target_version} in {summary.batches} batches "
+                     f"({summary.seconds:.1f}s, {rate:,.0f}/s); none left under older versions\n")
+    return 0
+
+
+def cmd_key_retire(args: argparse.Namespace) -> int:
+    """Retire KEK versions below N (refused while anything uses them)."""
+    with _open(args) as store:
+        retired = store.keys.retire(args.below)
+    sys.stderr.write(f"retired key versions {', '.join(map(str, retired))}\n" if retired
+                     else f"no key versions below {args.below} to retire\n")
+    return 0
+
+
+def _new_passphrase() -> str:
+    value = os.environ.get("KEYRING_HARDENED_NEW_PASSPHRASE")
+    if value:
+        return value
+    if not _tty():
+        raise UsageError("a new passphrase is needed: set KEYRING_HARDENED_NEW_PASSPHRASE or "
+                         "run on a terminal")
+    return _prompt_new()
+
+
+def cmd_key_rekey(args: argparse.Namespace) -> int:
+    """Replace the root key (new key file or passphrase, or switch modes)."""
+    with _open(args) as store:
+        current = "passphrase" if store._kdf.uses_passphrase else "key file"
+        target = "passphrase" if args.passphrase else "key file" if args.key_file else current
+        if args.kdf and target != "passphrase":
+            raise UsageError("--kdf applies only to a passphrase")
+        secret = _new_passphrase() if target == "passphrase" else None
+        message = store.keys.rekey(to=target, passphrase=secret, kdf=args.kdf)
+    sys.stderr.write(message + "\n")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------
 
 
@@ -368,6 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    keys = sub.add_parser("key", help="key management commands", parents=[common])
+    keys_sub = keys.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+
+    def add_key(name: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = keys_sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0],
+                                parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add_key("list", cmd_key_list)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    add_key("rotate", cmd_key_rotate)
+    p = add_key("rewrap", cmd_key_rewrap)
+    p.add_argument("--batch", type=int, default=1000, metavar="N",
+                   help="data keys per transaction (default 1000)")
+    p = add_key("retire", cmd_key_retire)
+    p.add_argument("--below", type=int, required=True, metavar="N")
+    p = add_key("rekey", cmd_key_rekey)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--passphrase", action="store_true",
+                      help="a new passphrase (or switch to one)")
+    mode.add_argument("--key-file", action="store_true", help="a new key file (or switch to one)")
+    p.add_argument("--kdf", choices=["argon2id", "pbkdf2"], help="KDF for the new passphrase")
 
     trail = sub.add_parser("audit", help="audit trail commands", parents=[common])
     trail_sub = trail.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
@@ -424,6 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except BrokenPipeError:
+        # The reader (say, head) stopped reading: not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except Exception as exc:
         if os.environ.get("KEYRING_HARDENED_DEBUG"):
             raise

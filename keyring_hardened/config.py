@@ -124,6 +124,8 @@ _FLOOR = f" (OWASP floor {OWASP_ARGON2_FLOOR['memory_kib']} KiB, t=2)"
 SCHEMA: dict[str, dict[str, Check]] = {
     "": {
         "max_versions": _int(1, 1000),
+        "rotate_after": _duration,
+        "max_wraps": _int(1, 2**31, " (NIST SP 800-38D allows 2^32 with random nonces)"),
         "passphrase_command": _command,
     },
     "storage": {
@@ -161,6 +163,8 @@ class Config(NamedTuple):
 
     path: Path | None = None
     max_versions: int = 10
+    rotate_after: float | None = None
+    max_wraps: int = 2**30
     passphrase_command: tuple[str, ...] | None = None
     synchronous: str = "normal"
     busy_timeout: float = 10.0

@@ -178,6 +178,34 @@ def unwrap_kek(wrap_key: Aead, vault_id: bytes, version: int, blob: bytes) -> Ke
     return Kek(version, material)
 
 
+def _vault_key_ad(vault_id: bytes) -> bytes:
+    return _ad(b"kh1/vault-key", vault_id)
+
+
+def wrap_vault_key(wrap_key: Aead, vault_id: bytes, material: bytes | bytearray,
+                   rng: Rng = _aead.random_bytes) -> bytes:
+    """Wrap the vault key under the root wrapping key."""
+    return _seal(wrap_key, bytes(material), _vault_key_ad(vault_id), rng)
+
+
+def new_vault_key(wrap_key: Aead, vault_id: bytes, rng: Rng = _aead.random_bytes) -> bytes:
+    """Make a random vault key and return it wrapped (the clear copy is wiped)."""
+    material = bytearray(rng(KEY_LEN))
+    try:
+        return wrap_vault_key(wrap_key, vault_id, material, rng)
+    finally:
+        _aead.wipe(material)
+
+
+def unwrap_vault_key(wrap_key: Aead, vault_id: bytes, blob: bytes) -> bytearray:
+    """Unwrap the vault key, or raise :class:`DecryptFailed`."""
+    material = bytearray(_open(wrap_key, blob, _vault_key_ad(vault_id)))
+    if len(material) != KEY_LEN:
+        _aead.wipe(material)
+        raise DecryptFailed("vault-key-length")
+    return material
+
+
 def new_kek(version: int, rng: Rng = _aead.random_bytes) -> Kek:
     """Create a fresh random KEK."""
     return Kek(version, bytearray(rng(KEY_LEN)))

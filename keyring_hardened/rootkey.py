@@ -1,11 +1,16 @@
 """Root keys: the key file or a passphrase, and the keys derived from them.
 
 The root key never encrypts data itself. HKDF (salted with the vault id)
-derives three independent keys from it:
+derives two keys from it:
 
-* the *wrapping key*, which wraps KEK versions (AES-256-GCM);
+* the *wrapping key*, which wraps the KEK versions and the vault key
+  (AES-256-GCM);
 * the *verifier key*, whose HMAC over the vault id is stored so that a wrong
-  key or passphrase is told apart from tampered key records;
+  key or passphrase is told apart from tampered key records.
+
+The *vault key* is random, made at ``init`` and stored wrapped like a KEK, so
+it survives a rekey of the root key. HKDF derives from it:
+
 * the *record key*, which MACs each credential's head row (current and last
   version), so a pointer moved back to an older version is detected;
 * the *audit key*, which chains the audit trail's HMACs, and the
@@ -120,18 +125,13 @@ class KdfParams(NamedTuple):
 class RootKey:
     """An unlocked root key and the keys derived from it. Wipe with :meth:`close`."""
 
-    __slots__ = ("_record_key", "_verifier_key", "_wrap_key", "audit_key", "identifier_key",
-                 "wrap")
+    __slots__ = ("_verifier_key", "_wrap_key", "wrap")
 
     def __init__(self, material: bytearray, vault_id: bytes) -> None:
         try:
             self._wrap_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/kek-wrap")
             self._verifier_key = _aead.hkdf_sha256(material, vault_id,
                                                    b"keyring-hardened/v1/verify")
-            self._record_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/record")
-            self.audit_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/audit")
-            self.identifier_key = _aead.hkdf_sha256(material, vault_id,
-                                                    b"keyring-hardened/v1/identifier")
         finally:
             # The root key itself is needed only to derive these; drop it now.
             _aead.wipe(material)
@@ -145,18 +145,40 @@ class RootKey:
         """Whether this key is the one the vault was made with (constant time)."""
         return hmac.compare_digest(self.verifier(vault_id), stored)
 
+    def close(self) -> None:
+        """Wipe the derived keys (best effort)."""
+        for buf in (self._wrap_key, self._verifier_key):
+            _aead.wipe(buf)
+
+    def __repr__(self) -> str:
+        return "RootKey(<hidden>)"
+
+
+class VaultKeys:
+    """Keys derived from the vault key: stable across rekeys of the root key."""
+
+    __slots__ = ("_record_key", "audit_key", "identifier_key")
+
+    def __init__(self, material: bytearray, vault_id: bytes) -> None:
+        try:
+            self._record_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/record")
+            self.audit_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/audit")
+            self.identifier_key = _aead.hkdf_sha256(material, vault_id,
+                                                    b"keyring-hardened/v1/identifier")
+        finally:
+            _aead.wipe(material)
+
     def record_mac(self, data: bytes) -> bytes:
         """MAC a credential head record."""
         return _aead.hmac_sha256(self._record_key, data)
 
     def close(self) -> None:
         """Wipe the derived keys (best effort)."""
-        for buf in (self._wrap_key, self._verifier_key, self._record_key, self.audit_key,
-                    self.identifier_key):
+        for buf in (self._record_key, self.audit_key, self.identifier_key):
             _aead.wipe(buf)
 
     def __repr__(self) -> str:
-        return "RootKey(<hidden>)"
+        return "VaultKeys(<hidden>)"
 
 
 def derive_from_passphrase(params: KdfParams, passphrase: str) -> bytearray:

@@ -50,7 +50,9 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             vault_id BLOB NOT NULL,
             created_at REAL NOT NULL,
             kdf TEXT NOT NULL,
-            verifier BLOB NOT NULL
+            verifier BLOB NOT NULL,
+            vault_key BLOB NOT NULL,
+            generation INTEGER NOT NULL
         )""",
         """CREATE TABLE keks (
             version INTEGER PRIMARY KEY,
@@ -133,6 +135,8 @@ class VaultRecord(NamedTuple):
     created_at: float
     kdf: str
     verifier: bytes
+    vault_key: bytes
+    generation: int
 
 
 class KekRecord(NamedTuple):
@@ -169,10 +173,11 @@ class VersionRow(NamedTuple):
 
 
 _N = type(None)
-_VAULT_TYPES = (bytes, float, str, bytes)
+_VAULT_TYPES = (bytes, float, str, bytes, bytes, int)
 _KEK_TYPES = (int, str, float, (bytes, _N), int)
 _HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes)
 _VERSION_TYPES = (int, int, bytes, bytes, float)
+_REWRAP_TYPES = (int, str, str, int, int, bytes)
 _EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes)
 
 
@@ -288,9 +293,8 @@ class SQLiteStorage:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute("BEGIN IMMEDIATE")
                 _apply_migrations(conn)
-                conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier) "
-                             "VALUES (1, ?, ?, ?, ?)",
-                             (vault.vault_id, vault.created_at, vault.kdf, vault.verifier))
+                conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier,"
+                             " vault_key, generation) VALUES (1, ?, ?, ?, ?, ?, ?)", vault)
                 conn.execute("INSERT INTO keks (version, state, created_at, wrapped, wrap_count) "
                              "VALUES (?, ?, ?, ?, ?)",
                              (kek.version, kek.state, kek.created_at, kek.wrapped, kek.wrap_count))
@@ -366,8 +370,8 @@ class SQLiteStorage:
 
     def vault(self) -> VaultRecord:
         """The vault record; its absence is damage."""
-        rows = self._rows("SELECT CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB)"
-                          " FROM vault WHERE id = 1")
+        rows = self._rows("SELECT CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB),"
+                          " CAST(vault_key AS BLOB), generation FROM vault WHERE id = 1")
         if not rows:
             raise IntegrityError(f"vault database {self.path} has no vault record; "
                                  "restore it from a backup")
@@ -379,14 +383,70 @@ class SQLiteStorage:
             "SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count FROM keks"
             " ORDER BY version")]
 
-    def active_kek_version(self) -> int | None:
-        """The version new writes use."""
-        rows = self._rows("SELECT max(version) FROM keks WHERE state = 'active'")
-        return rows[0][0] if rows else None
+    def active_kek(self) -> KekRecord | None:
+        """The KEK version new writes use."""
+        rows = self._rows("SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count"
+                          " FROM keks WHERE state = 'active' ORDER BY version DESC LIMIT 1")
+        return KekRecord(*_typed(rows[0], _KEK_TYPES, "key record")) if rows else None
 
-    def count_wrap(self, kek_version: int) -> None:
-        """Count one more data key wrapped under a KEK (NIST SP 800-38D usage limit)."""
-        self._run("UPDATE keks SET wrap_count = wrap_count + 1 WHERE version = ?", (kek_version,))
+    def newest_kek_version(self) -> int:
+        """The highest KEK version ever made (retired ones included)."""
+        return int(self._rows("SELECT coalesce(max(version), 0) FROM keks")[0][0])
+
+    def add_kek(self, record: KekRecord) -> None:
+        """Store a new KEK version."""
+        self._run("INSERT INTO keks (version, state, created_at, wrapped, wrap_count)"
+                  " VALUES (?, ?, ?, ?, ?)", record)
+
+    def set_kek_state(self, version: int, state: str) -> None:
+        """Change a KEK version's state."""
+        self._run("UPDATE keks SET state = ? WHERE version = ?", (state, version))
+
+    def set_kek_wrapped(self, version: int, wrapped: bytes) -> None:
+        """Replace a KEK version's wrapped material (rekey)."""
+        self._run("UPDATE keks SET wrapped = ? WHERE version = ?", (wrapped, version))
+
+    def retire_keks_below(self, below: int) -> list[int]:
+        """Retire every KEK version under ``below``: state retired, material removed."""
+        versions = [r[0] for r in self._rows(
+            "SELECT version FROM keks WHERE version < ? AND state != 'retired'", (below,))]
+        self._run("UPDATE keks SET state = 'retired', wrapped = NULL WHERE version < ?", (below,))
+        return versions
+
+    def count_wrap(self, kek_version: int, n: int = 1) -> None:
+        """Count data keys wrapped under a KEK (NIST SP 800-38D usage limit)."""
+        self._run("UPDATE keks SET wrap_count = wrap_count + ? WHERE version = ?",
+                  (n, kek_version))
+
+    def under_keks_below(self, below: int) -> tuple[int, int]:
+        """(versions, credentials) whose data keys are wrapped under a KEK below ``below``."""
+        versions, creds = self._rows(
+            "SELECT count(*), count(DISTINCT credential_id) FROM secret_versions"
+            " WHERE kek_version < ?", (below,))[0]
+        return int(versions), int(creds)
+
+    def rewrap_candidates(self, below: int, limit: int
+                          ) -> list[tuple[int, str, str, int, int, bytes]]:
+        """Up to ``limit`` versions wrapped under a KEK below ``below``, with their names."""
+        rows = self._rows(
+            "SELECT v.credential_id, c.service, c.username, v.version, v.kek_version,"
+            " CAST(v.wrapped_key AS BLOB) FROM secret_versions v JOIN credentials c"
+            " ON c.id = v.credential_id WHERE v.kek_version < ? ORDER BY v.kek_version LIMIT ?",
+            (below, limit))
+        return [_typed(r, _REWRAP_TYPES, "version record") for r in rows]
+
+    def set_wrapped_keys(self, rows: list[tuple[int, bytes, int, int]]) -> None:
+        """Store re-wrapped data keys: (kek_version, wrapped_key, credential_id, version)."""
+        try:
+            self._conn.executemany("UPDATE secret_versions SET kek_version = ?, wrapped_key = ?"
+                                   " WHERE credential_id = ? AND version = ?", rows)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def set_root(self, kdf: str, verifier: bytes, vault_key: bytes, generation: int) -> None:
+        """Record a new root key: its KDF parameters, verifier and the re-wrapped vault key."""
+        self._run("UPDATE vault SET kdf = ?, verifier = ?, vault_key = ?, generation = ?"
+                  " WHERE id = 1", (kdf, verifier, vault_key, generation))
 
     # -- credentials ----------------------------------------------------------
 

@@ -34,12 +34,21 @@ from .errors import (
 from .location import Location, default_actor, validate_actor
 from .passphrase import PassphraseProvider
 from .passphrase import provider as passphrase_provider
-from .rootkey import KdfParams, RootKey, create_key_file, derive_from_passphrase, read_key_file
+from .rootkey import (
+    OWASP_ARGON2_FLOOR,
+    KdfParams,
+    RootKey,
+    VaultKeys,
+    create_key_file,
+    derive_from_passphrase,
+    read_key_file,
+)
 from .secret import Secret
 from .sinks import Sinks
 from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
 
 if TYPE_CHECKING:
+    from .keys import KeyManager
     from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Store", "VersionInfo"]
@@ -50,6 +59,8 @@ MAX_NAME_BYTES = 4096
 MAX_SECRET_BYTES = 1 << 20
 MIN_PASSPHRASE_CHARS = 8
 _VAULT_ID_LEN = 16
+#: Written by ``key rekey`` before it changes anything, removed when it is done.
+REKEY_JOURNAL = "rekey.json"
 T = TypeVar("T")
 
 
@@ -131,6 +142,31 @@ def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
         storage.add_pending(int(clock() * 1_000_000), actor, "unlock", exc.kind, exc.reason)
 
 
+def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
+    """The root key from the key file, or from the new key of a rekey in flight.
+
+    Between a rekey's commit and the rename of its new key file into place,
+    the vault already expects the new key: accept it from ``<key file>.new``,
+    which only a rekey writes.
+    """
+    from .keys import pending_key_file
+
+    failure: LockedError | None = None
+    for path in (location.key_file, pending_key_file(location)):
+        try:
+            root = RootKey(read_key_file(path), vault.vault_id)
+        except LockedError as exc:
+            failure = failure or exc
+            continue
+        if root.matches(vault.vault_id, vault.verifier):
+            return root
+        root.close()
+        failure = failure or LockedError(
+            f"wrong key file: {location.key_file} does not open this vault", "wrong-key")
+    assert failure is not None  # noqa: S101 - the loop ran and nothing matched
+    raise failure
+
+
 def _make_home(home: Path) -> None:
     """Create the vault folder with mode 0700, whatever the umask."""
     if not home.exists():
@@ -146,7 +182,8 @@ class Store:
     """
 
     def __init__(self, location: Location, config: Config, storage: SQLiteStorage,
-                 vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> None:
+                 vault: VaultRecord, root: RootKey, vkeys: VaultKeys, clock: Clock,
+                 actor: str) -> None:
         self.location = location
         self.config = config
         self.actor = actor
@@ -154,12 +191,24 @@ class Store:
         self._vault = vault
         self._kdf = KdfParams.from_json(vault.kdf)
         self._root = root
+        self._vkeys = vkeys
         self._keks: dict[int, Kek] = {}
         self._clock = clock
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._closed = False
         self._sinks = Sinks(config.audit_sinks)
+        #: Events chained inside an operation (automatic rotation) to mirror after commit.
+        self._pending_emit: list[audit.Event] = []
+        #: Things a person should hear about this open (an interrupted rekey resolved).
+        self.notices: list[str] = []
+
+    @property
+    def keys(self) -> KeyManager:
+        """Key management: list, rotate, rewrap, retire, rekey."""
+        from .keys import KeyManager
+
+        return KeyManager(self)
 
     @property
     def trail(self) -> AuditTrail:
@@ -201,13 +250,21 @@ class Store:
             # Another process created it first: use theirs.
             storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
+            notice = None
+            if location.home.joinpath(REKEY_JOURNAL).exists():
+                from .keys import recover_interrupted_rekey
+
+                notice = recover_interrupted_rekey(location, storage)
             vault = storage.vault()
             try:
                 root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
             except LockedError as exc:
                 _record_pending(storage, clock, who, exc)
                 raise
-            return cls._ready(location, cfg, storage, vault, root, clock, who)
+            store = cls._ready(location, cfg, storage, vault, root, clock, who)
+            if notice:
+                store.notices.append(notice)
+            return store
         except BaseException:
             storage.close()
             raise
@@ -216,7 +273,16 @@ class Store:
     def _ready(cls, location: Location, cfg: Config, storage: SQLiteStorage,
                vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> Store:
         """Finish unlocking: unwrap the KEKs and chain any failed unlocks seen meanwhile."""
-        store = cls(location, cfg, storage, vault, root, clock, actor)
+        try:
+            material = envelope.unwrap_vault_key(root.wrap, vault.vault_id, vault.vault_key)
+        except DecryptFailed:
+            root.close()
+            exc = IntegrityError("the vault key failed its integrity check; restore the vault "
+                                 "from a backup", "vault-key-damaged")
+            _record_pending(storage, clock, actor, exc)  # no audit key without it
+            raise exc from None
+        store = cls(location, cfg, storage, vault, root, VaultKeys(material, vault.vault_id),
+                    clock, actor)
         try:
             store._load_keks()
         except IntegrityError as exc:
@@ -284,7 +350,8 @@ class Store:
         now = clock()
         kek = envelope.new_kek(1)
         try:
-            record = VaultRecord(vault_id, now, params.to_json(), root.verifier(vault_id))
+            record = VaultRecord(vault_id, now, params.to_json(), root.verifier(vault_id),
+                                 envelope.new_vault_key(root.wrap, vault_id), 1)
             wrapped = envelope.wrap_kek(root.wrap, vault_id, kek)
             if not SQLiteStorage.create(location.database, record,
                                         KekRecord(1, "active", now, wrapped, 0)):
@@ -306,22 +373,18 @@ class Store:
     def _unlock(location: Location, vault: VaultRecord,
                 passphrase: PassphraseProvider) -> RootKey:
         params = KdfParams.from_json(vault.kdf)
-        if params.uses_passphrase:
-            material = derive_from_passphrase(params, passphrase())
-            wrong, reason = "wrong passphrase", "wrong-passphrase"
-        else:
-            material = read_key_file(location.key_file)
-            wrong = f"wrong key file: {location.key_file} does not open this vault"
-            reason = "wrong-key"
-        root = RootKey(material, vault.vault_id)
+        if not params.uses_passphrase:
+            return _key_file_root(location, vault)
+        root = RootKey(derive_from_passphrase(params, passphrase()), vault.vault_id)
         # The verifier tells a wrong key (locked) apart from damaged key records
         # (integrity), without decrypting anything.
         if not root.matches(vault.vault_id, vault.verifier):
             root.close()
-            raise LockedError(wrong, reason)
+            raise LockedError("wrong passphrase", "wrong-passphrase")
         return root
 
     def _load_keks(self) -> None:
+        self._check_generation(self._storage)
         for record in self._storage.keks():
             if record.version in self._keks or record.state == "retired" or record.wrapped is None:
                 continue
@@ -353,7 +416,7 @@ class Store:
         """A name as the audit trail stores it: itself, or its keyed hash."""
         if name is None or not self.config.audit_hmac_identifiers:
             return name
-        return audit.hash_identifier(self._root.identifier_key, name)
+        return audit.hash_identifier(self._vkeys.identifier_key, name)
 
     def _append(self, storage: SQLiteStorage, op: str, service: str | None,
                 username: str | None, failure: HardenedError | None,
@@ -364,7 +427,7 @@ class Store:
                             self._ident(service), self._ident(username),
                             failure.kind if failure else "ok", key_version,
                             (failure.reason if failure else None) or reason)
-        event = event._replace(mac=audit.chain_mac(self._root.audit_key, prev, event))
+        event = event._replace(mac=audit.chain_mac(self._vkeys.audit_key, prev, event))
         storage.append_event(event)
         return event
 
@@ -379,6 +442,8 @@ class Store:
         note = _Note()
         failure: HardenedError | None = None
         with self._guard() as storage:
+            self._pending_emit.clear()
+            known = set(self._keks)
             try:
                 with storage.transaction():
                     if writes:
@@ -388,6 +453,7 @@ class Store:
                     except HardenedError as exc:
                         if writes:
                             storage.rollback_savepoint()
+                        self._forget_keks_except(known)
                         failure = exc
                     else:
                         if writes:
@@ -399,14 +465,29 @@ class Store:
                         raise StorageError(f"the audit trail could not be written ({exc}); "
                                            f"the {op} was not performed",
                                            "audit-write") from None
-            except HardenedError as exc:
-                if failure is not None and exc.reason != "audit-write":
+            except BaseException as exc:
+                self._forget_keks_except(known)
+                if isinstance(exc, HardenedError) and failure is not None \
+                        and exc.reason != "audit-write":
                     raise failure from None  # the transaction itself failed: report the cause
                 raise
+        for extra in self._pending_emit:
+            self._sinks.emit(extra)
+        self._pending_emit.clear()
         self._sinks.emit(event)
         if failure is not None:
             raise failure
         return result
+
+    def _forget_keks_except(self, known: set[int]) -> None:
+        """Drop KEKs cached during a transaction that did not commit.
+
+        A rotation rolled back must not leave its KEK behind: the next
+        rotation reuses the version number with a different key.
+        """
+        self._pending_emit.clear()
+        for version in set(self._keks) - known:
+            self._keks.pop(version).wipe()
 
     def _record_failure(self, op: str, exc: HardenedError) -> None:
         """Audit a failure that happened outside :meth:`_run` (unlock)."""
@@ -422,7 +503,7 @@ class Store:
                 seq, prev = storage.audit_head()
                 event = audit.Event(seq + 1, ts_us, actor, op, None, None, outcome, None,
                                     f"{reason or outcome}; recorded before unlock")
-                event = event._replace(mac=audit.chain_mac(self._root.audit_key, prev, event))
+                event = event._replace(mac=audit.chain_mac(self._vkeys.audit_key, prev, event))
                 storage.append_event(event)
                 emitted.append(event)
         for event in emitted:
@@ -431,7 +512,7 @@ class Store:
     def _head_mac(self, service: str, username: str, current: int | None, last: int) -> bytes:
         data = b"".join(struct.pack(">I", len(p)) + p for p in (
             self._vault.vault_id, service.encode(), username.encode()))
-        return self._root.record_mac(data + struct.pack(">QQ", current or 0, last))
+        return self._vkeys.record_mac(data + struct.pack(">QQ", current or 0, last))
 
     def _verify_head(self, head: HeadRow) -> None:
         expected = self._head_mac(head.service, head.username, head.current_version,
@@ -464,12 +545,51 @@ class Store:
             raise IntegrityError(f"{_label(head.service, head.username)}: integrity check "
                                  "failed", reason) from None
 
+    def _rotation_due(self, active: KekRecord, now: float) -> str | None:
+        """Why the active KEK must be replaced before its next wrap, if it must."""
+        if active.wrap_count >= self.config.max_wraps:
+            return "wrap-limit"
+        if self.config.rotate_after is not None and \
+                now - active.created_at >= self.config.rotate_after:
+            return "age"
+        return None
+
+    def _check_generation(self, storage: SQLiteStorage) -> None:
+        """Refuse to wrap or unwrap KEKs with a root key that a rekey has replaced."""
+        if storage.vault().generation != self._vault.generation:
+            raise LockedError("the root key was replaced (key rekey) after this process "
+                              "unlocked the vault; open it again", "root-replaced")
+
+    def _rotate_in(self, storage: SQLiteStorage, now: float, reason: str,
+                   record: bool = True) -> int:
+        """Add a KEK version and make it active, inside the caller's transaction.
+
+        With ``record``, audited as its own ``key-rotate`` event, before the
+        event of the operation that caused it.
+        """
+        # A new KEK is wrapped under our root key: it must still be the vault's.
+        self._check_generation(storage)
+        active = storage.active_kek()
+        version = storage.newest_kek_version() + 1
+        kek = envelope.new_kek(version)
+        storage.add_kek(KekRecord(version, "active", now,
+                                  envelope.wrap_kek(self._root.wrap, self._vault.vault_id, kek),
+                                  0))
+        if active is not None:
+            storage.set_kek_state(active.version, "decrypt-only")
+        self._keks[version] = kek
+        if record:
+            event = self._append(storage, "key-rotate", None, None, None, version, reason)
+            self._pending_emit.append(event)
+        return version
+
     def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
                        now: float, note: _Note) -> int:
-        active = storage.active_kek_version()
+        active = storage.active_kek()
         if active is None:
             raise IntegrityError("the vault has no active key version", "no-active-kek")
-        kek = self._kek(active)
+        due = self._rotation_due(active, now)
+        kek = self._kek(self._rotate_in(storage, now, f"auto-{due}") if due else active.version)
         version = head.last_version + 1
         place = Place(self._vault.vault_id, head.service, head.username, version)
         sealed = envelope.seal_secret(kek, place, data)
@@ -628,7 +748,8 @@ class Store:
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
                     for k in storage.keks()]
-            return {"counts": storage.counts(), "keys": keks, "schema": storage.schema()}
+            return {"counts": storage.counts(), "keys": keks, "schema": storage.schema(),
+                    "active": storage.active_kek()}
 
         found = self._run("status", None, None, body)
         return {
@@ -644,9 +765,38 @@ class Store:
             "synchronous": self.config.synchronous,
             "config": str(self.config.path) if self.config.path else None,
             "keys": found["keys"],
+            "rotation": self._rotation_info(found["active"]),
             **found["counts"],
             "warnings": self._warnings(),
         }
+
+    def _rotation_info(self, active: KekRecord | None) -> dict[str, Any]:
+        if active is None:
+            return {"active_version": None}
+        due_at = (active.created_at + self.config.rotate_after
+                  if self.config.rotate_after is not None else None)
+        return {"active_version": active.version, "rotate_after": self.config.rotate_after,
+                "due_at": due_at, "wraps_left": max(0, self.config.max_wraps - active.wrap_count),
+                "max_wraps": self.config.max_wraps}
+
+    def _kdf_warnings(self) -> list[str]:
+        kdf, cfg = self._kdf, self.config
+        found = []
+        if kdf.algorithm == "argon2id":
+            if kdf.memory_kib < OWASP_ARGON2_FLOOR["memory_kib"] or \
+                    kdf.iterations < OWASP_ARGON2_FLOOR["iterations"]:
+                found.append("the vault's Argon2id parameters are below OWASP's floor "
+                             "(19 MiB, t=2); run: keyring-hardened key rekey")
+            elif kdf.memory_kib < cfg.argon2_memory_kib or kdf.iterations < cfg.argon2_iterations:
+                found.append(f"the vault's KDF ({kdf.describe()}) is below the configured "
+                             "parameters; run: keyring-hardened key rekey to upgrade")
+        elif kdf.algorithm == "pbkdf2-sha256" and kdf.iterations < cfg.pbkdf2_iterations:
+            found.append(f"the vault's KDF ({kdf.describe()}) is below the configured "
+                         f"{cfg.pbkdf2_iterations} iterations; run: keyring-hardened key rekey")
+        if kdf.uses_passphrase and self.location.key_file.exists():
+            found.append(f"{self.location.key_file} does not open this passphrase vault "
+                         "(left by a rekey?); delete it")
+        return found
 
     def _warnings(self) -> list[str]:
         found = []
@@ -657,7 +807,7 @@ class Store:
                 continue
             if mode & 0o077:
                 found.append(f"{path} is accessible by group or others (mode {mode:04o})")
-        return found
+        return found + self._kdf_warnings()
 
     def close(self) -> None:
         """Wipe key material (best effort) and close the database."""
@@ -669,6 +819,7 @@ class Store:
                 kek.wipe()
             self._keks.clear()
             self._root.close()
+            self._vkeys.close()
             if os.getpid() == self._pid:
                 self._storage.close()
 

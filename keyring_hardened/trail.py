@@ -80,7 +80,7 @@ class AuditTrail:
         self._store = store
 
     def _key(self) -> bytearray:
-        return self._store._root.audit_key
+        return self._store._vkeys.audit_key
 
     def _header(self, anchor_seq: int, anchor_mac: bytes) -> dict[str, Any]:
         return {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),

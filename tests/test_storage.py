@@ -97,7 +97,7 @@ def test_dropped_table_is_integrity(db: Path) -> None:
 
 
 def test_create_loses_race_cleanly(db: Path) -> None:
-    vault = storage.VaultRecord(b"x" * 16, 0.0, '{"algorithm": "keyfile"}', b"v")
+    vault = storage.VaultRecord(b"x" * 16, 0.0, '{"algorithm": "keyfile"}', b"v", b"k", 1)
     kek = storage.KekRecord(1, "active", 0.0, b"w", 0)
     before = db.read_bytes()
     assert SQLiteStorage.create(db, vault, kek) is False
