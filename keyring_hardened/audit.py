@@ -13,8 +13,6 @@ can recompute a chain from an export given the key.
 
 from __future__ import annotations
 
-import base64
-import fnmatch
 import hashlib
 import hmac
 import json
@@ -172,6 +170,8 @@ def parse_since(text: str, now: float) -> float:
 
 def hash_identifier(key: bytes | bytearray, name: str) -> str:
     """A keyed hash of a service or username, for ``hmac_identifiers``."""
+    import base64
+
     digest = hmac.new(bytes(key), name.encode("utf-8"), hashlib.sha256).digest()[:16]
     return "h:" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
@@ -180,6 +180,8 @@ def matches(value: str | None, pattern: str | None) -> bool:
     """Glob match for ``audit show`` filters (None pattern matches anything)."""
     if pattern is None:
         return True
+    import fnmatch
+
     return value is not None and fnmatch.fnmatchcase(value, pattern)
 
 

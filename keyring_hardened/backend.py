@@ -10,7 +10,6 @@ loads on first use.
 from __future__ import annotations
 
 import atexit
-import getpass
 import importlib.util
 import sys
 import threading
@@ -102,6 +101,8 @@ def _translate(exc: errors.HardenedError) -> kerrors.KeyringError:
 
 
 def _prompt() -> str:
+    import getpass  # only when a person is asked
+
     return getpass.getpass("keyring-hardened passphrase: ")
 
 

@@ -7,7 +7,6 @@ test checks that both agree.
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from pathlib import Path
@@ -85,14 +84,24 @@ def default_actor() -> str:
     explicit = os.environ.get(ENV_ACTOR)
     if explicit is not None:
         return validate_actor(explicit)
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry, e.g. in a bare container
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    user = _user()
     argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
     # "python -m pkg" runs pkg/__main__.py: the package is the program's name.
     program = argv0.parent.name if argv0.name == "__main__.py" else argv0.name
     return f"{user}:{program or 'python'}"
+
+
+def _user() -> str:
+    """The login name, as ``getpass.getuser`` finds it (without importing getpass)."""
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, OSError):  # no passwd entry, e.g. in a bare container
+        return f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
 def validate_actor(actor: str) -> str:

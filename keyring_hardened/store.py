@@ -32,8 +32,6 @@ from .errors import (
     UsageError,
 )
 from .location import Location, default_actor, validate_actor
-from .passphrase import PassphraseProvider
-from .passphrase import provider as passphrase_provider
 from .rootkey import (
     OWASP_ARGON2_FLOOR,
     KdfParams,
@@ -49,6 +47,7 @@ from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, Vault
 
 if TYPE_CHECKING:
     from .keys import KeyManager
+    from .passphrase import PassphraseProvider
     from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Store", "VersionInfo"]
@@ -128,9 +127,14 @@ def _label(service: str, username: str) -> str:
 
 def _source(cfg: Config, passphrase: str | None,
             prompt: PassphraseProvider | None) -> PassphraseProvider:
-    if passphrase is not None:
-        return lambda: passphrase
-    return passphrase_provider(cfg, prompt)
+    def get() -> str:
+        if passphrase is not None:
+            return passphrase
+        from .passphrase import provider  # imported only when a passphrase is needed
+
+        return provider(cfg, prompt)()
+
+    return get
 
 
 def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,

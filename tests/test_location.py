@@ -54,9 +54,23 @@ def test_actor(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_actor_without_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_user() -> str:
-        raise KeyError("uid")
-    monkeypatch.setattr("getpass.getuser", no_user)
+    def no_user(uid: int) -> object:
+        raise KeyError(uid)
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("pwd.getpwuid", no_user)
     monkeypatch.setattr("sys.argv", [""])
     assert default_actor().endswith(":python")
     assert default_actor().startswith("uid")
+
+
+def test_actor_user_from_environment_or_passwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    monkeypatch.setattr("sys.argv", ["/usr/bin/keyring"])
+    assert default_actor() == f"{getpass.getuser()}:keyring"
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_actor() == f"{getpass.getuser()}:keyring"
+    monkeypatch.setattr("sys.argv", ["/x/keyring_hardened/__main__.py"])
+    assert default_actor().endswith(":keyring_hardened")
