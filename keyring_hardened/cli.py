@@ -114,12 +114,15 @@ def cmd_set(args: argparse.Namespace) -> int:
     """Store a new version of a credential; the secret comes from stdin or a prompt."""
     from .location import Location
 
+    from .config import parse_duration
+
+    ttl = parse_duration(args.ttl, "--ttl") if args.ttl else None
     secret = _read_secret(args)
     existed = Location.resolve(args.home).database.exists()
     with _open(args, create=True) as store:
         if not existed:
             sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}\n")
-        version = store.set(args.service, args.username, secret)
+        version = store.set(args.service, args.username, secret, ttl=ttl)
     if args.verbose:
         sys.stderr.write(f"stored version {version}\n")
     return 0
@@ -162,13 +165,15 @@ def cmd_history(args: argparse.Namespace) -> int:
         versions = store.history(args.service, args.username)
     if args.json:
         json.dump([{"version": v.version, "key_version": v.kek_version,
-                    "created_at": _stamp(v.created_at), "current": v.current}
+                    "created_at": _stamp(v.created_at), "current": v.current,
+                    "expires_at": _stamp(v.expires_at) if v.expires_at else None}
                    for v in versions], sys.stdout)
         sys.stdout.write("\n")
     else:
-        _table([["VERSION", "KEY", "CREATED", ""]]
+        _table([["VERSION", "KEY", "CREATED", "EXPIRES", ""]]
                + [[str(v.version), str(v.kek_version), _stamp(v.created_at),
-                   "current" if v.current else ""] for v in versions], sys.stdout)
+                   _stamp(v.expires_at), "current" if v.current else ""] for v in versions],
+               sys.stdout)
     return 0
 
 
@@ -450,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("set", cmd_set, "service", "username")
     p.add_argument("--no-strip", action="store_true",
                    help="keep a trailing newline read from stdin")
+    p.add_argument("--ttl", metavar="DUR",
+                   help="the value expires after this long (90s, 15m, 12h, 30d); reads then "
+                        "fail with exit 7")
     p.add_argument("-v", "--verbose", action="store_true", help="report the stored version")
 
     p = add("get", cmd_get, "service", "username")

@@ -116,6 +116,12 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             reason TEXT
         )""",
     )),
+    ("0003_ttl", (
+        "ALTER TABLE secret_versions ADD COLUMN ttl REAL",
+        "ALTER TABLE secret_versions ADD COLUMN expires_at REAL",
+        # The current version's expiry, covered by the head's MAC.
+        "ALTER TABLE credentials ADD COLUMN expires_at REAL",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -160,6 +166,7 @@ class HeadRow(NamedTuple):
     created_at: float
     updated_at: float
     mac: bytes
+    expires_at: float | None = None
 
 
 class VersionRow(NamedTuple):
@@ -170,13 +177,15 @@ class VersionRow(NamedTuple):
     wrapped_key: bytes
     ciphertext: bytes
     created_at: float
+    ttl: float | None = None
+    expires_at: float | None = None
 
 
 _N = type(None)
 _VAULT_TYPES = (bytes, float, str, bytes, bytes, int)
 _KEK_TYPES = (int, str, float, (bytes, _N), int)
-_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes)
-_VERSION_TYPES = (int, int, bytes, bytes, float)
+_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N))
+_VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N))
 _REWRAP_TYPES = (int, str, str, int, int, bytes)
 _EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes)
 
@@ -451,7 +460,7 @@ class SQLiteStorage:
     # -- credentials ----------------------------------------------------------
 
     _HEAD = ("SELECT id, service, username, current_version, last_version, created_at, "
-             "updated_at, CAST(mac AS BLOB) FROM credentials")
+             "updated_at, CAST(mac AS BLOB), expires_at FROM credentials")
 
     def head(self, service: str, username: str) -> HeadRow | None:
         """The head row of a credential, deleted or not."""
@@ -463,18 +472,18 @@ class SQLiteStorage:
         """A head and one of its versions (the current one when ``version`` is None)."""
         rows = self._rows(
             "SELECT c.id, c.service, c.username, c.current_version, c.last_version, c.created_at,"
-            " c.updated_at, CAST(c.mac AS BLOB), v.version, v.kek_version,"
+            " c.updated_at, CAST(c.mac AS BLOB), c.expires_at, v.version, v.kek_version,"
             " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB),"
-            " v.created_at FROM credentials c LEFT JOIN secret_versions v"
+            " v.created_at, v.ttl, v.expires_at FROM credentials c LEFT JOIN secret_versions v"
             " ON v.credential_id = c.id AND v.version = coalesce(?, c.current_version)"
             " WHERE c.service = ? AND c.username = ?", (version, service, username))
         if not rows:
             return None
         row = rows[0]
-        head = HeadRow(*_typed(row[:8], _HEAD_TYPES, "credential record"))
-        if row[8] is None:
+        head = HeadRow(*_typed(row[:9], _HEAD_TYPES, "credential record"))
+        if row[9] is None:
             return head, None
-        return head, VersionRow(*_typed(row[8:], _VERSION_TYPES, "version record"))
+        return head, VersionRow(*_typed(row[9:], _VERSION_TYPES, "version record"))
 
     def new_head(self, service: str, username: str, now: float, mac: bytes) -> HeadRow:
         """Insert the head of a credential that has never existed."""
@@ -486,30 +495,30 @@ class SQLiteStorage:
         return head
 
     def update_head(self, head_id: int, current: int | None, last: int, now: float,
-                    mac: bytes) -> None:
-        """Move a credential's current and last version."""
+                    mac: bytes, expires_at: float | None = None) -> None:
+        """Move a credential's current and last version (and the current one's expiry)."""
         self._run("UPDATE credentials SET current_version = ?, last_version = ?, updated_at = ?,"
-                  " mac = ? WHERE id = ?", (current, last, now, mac, head_id))
+                  " mac = ?, expires_at = ? WHERE id = ?",
+                  (current, last, now, mac, expires_at, head_id))
 
     def add_version(self, head_id: int, row: VersionRow) -> None:
         """Store a new version."""
         self._run("INSERT INTO secret_versions (credential_id, version, kek_version, wrapped_key,"
-                  " ciphertext, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                  (head_id, row.version, row.kek_version, row.wrapped_key, row.ciphertext,
-                   row.created_at))
+                  " ciphertext, created_at, ttl, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (head_id, *row))
 
     def version(self, head_id: int, version: int) -> VersionRow | None:
         """One stored version of a credential."""
         rows = self._rows("SELECT version, kek_version, CAST(wrapped_key AS BLOB),"
-                          " CAST(ciphertext AS BLOB), created_at"
+                          " CAST(ciphertext AS BLOB), created_at, ttl, expires_at"
                           " FROM secret_versions WHERE credential_id = ? AND version = ?",
                           (head_id, version))
         return VersionRow(*_typed(rows[0], _VERSION_TYPES, "version record")) if rows else None
 
-    def versions(self, head_id: int) -> list[tuple[int, int, float]]:
-        """(version, KEK version, created) of every kept version, newest first."""
+    def versions(self, head_id: int) -> list[tuple[int, int, float, float | None]]:
+        """(version, KEK version, created, expires) of every kept version, newest first."""
         return [tuple(r) for r in self._rows(
-            "SELECT version, kek_version, created_at FROM secret_versions"
+            "SELECT version, kek_version, created_at, expires_at FROM secret_versions"
             " WHERE credential_id = ? ORDER BY version DESC", (head_id,))]
 
     def prune(self, head_id: int, keep: int) -> int:

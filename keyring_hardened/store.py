@@ -24,6 +24,7 @@ from . import audit, envelope
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
+    ExpiredError,
     HardenedError,
     IntegrityError,
     LockedError,
@@ -89,6 +90,7 @@ class VersionInfo(NamedTuple):
     kek_version: int
     created_at: float
     current: bool
+    expires_at: float | None = None
 
 
 def _check_name(what: str, value: object, *, allow_empty: bool) -> str:
@@ -118,6 +120,10 @@ def _secret_bytes(secret: str | Secret) -> bytes:
     if len(data) > MAX_SECRET_BYTES:
         raise UsageError(f"secret is longer than {MAX_SECRET_BYTES} bytes")
     return data
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _label(service: str, username: str) -> str:
@@ -513,14 +519,19 @@ class Store:
         for event in emitted:
             self._sinks.emit(event)
 
-    def _head_mac(self, service: str, username: str, current: int | None, last: int) -> bytes:
+    def _head_mac(self, service: str, username: str, current: int | None, last: int,
+                  expires_at: float | None = None) -> bytes:
         data = b"".join(struct.pack(">I", len(p)) + p for p in (
             self._vault.vault_id, service.encode(), username.encode()))
-        return self._vkeys.record_mac(data + struct.pack(">QQ", current or 0, last))
+        data += struct.pack(">QQ", current or 0, last)
+        if expires_at is not None:
+            # Covered by the MAC, so nobody can extend a credential's life by editing it.
+            data += b"\x01" + struct.pack(">d", expires_at)
+        return self._vkeys.record_mac(data)
 
     def _verify_head(self, head: HeadRow) -> None:
         expected = self._head_mac(head.service, head.username, head.current_version,
-                                  head.last_version)
+                                  head.last_version, head.expires_at)
         if not hmac.compare_digest(expected, head.mac):
             raise IntegrityError(f"{_label(head.service, head.username)}: "
                                  "integrity check failed", "head-mac")
@@ -588,7 +599,7 @@ class Store:
         return version
 
     def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
-                       now: float, note: _Note) -> int:
+                       now: float, note: _Note, ttl: float | None = None) -> int:
         active = storage.active_kek()
         if active is None:
             raise IntegrityError("the vault has no active key version", "no-active-kek")
@@ -597,10 +608,12 @@ class Store:
         version = head.last_version + 1
         place = Place(self._vault.vault_id, head.service, head.username, version)
         sealed = envelope.seal_secret(kek, place, data)
+        expires = now + ttl if ttl is not None else None
         storage.add_version(head.id, VersionRow(version, kek.version, sealed.wrapped_key,
-                                                sealed.ciphertext, now))
+                                                sealed.ciphertext, now, ttl, expires))
         storage.update_head(head.id, version, version, now,
-                            self._head_mac(head.service, head.username, version, version))
+                            self._head_mac(head.service, head.username, version, version,
+                                           expires), expires)
         storage.count_wrap(kek.version)
         if version > self.config.max_versions:
             storage.prune(head.id, self.config.max_versions)
@@ -641,14 +654,29 @@ class Store:
                 raise NotFoundError(f"version {version} of {_label(service, username)} "
                                     "is not kept", "not-kept")
             note.key_version = row.kek_version
+            # The current version's expiry is read from the MAC'd head; an older
+            # version's from its own row.
+            expires = head.expires_at if version is None else row.expires_at
+            if expires is not None and self._clock() >= expires:
+                raise ExpiredError(f"{_label(service, username)} expired at "
+                                   f"{_utc(expires)}; set a new value (no refresh is "
+                                   "configured)", "expired")
             return Secret(self._decrypt(head, row))
 
         return self._run("read", service, username, body)
 
-    def set(self, service: str, username: str, secret: str | Secret) -> int:
-        """Store a new version of a credential; returns its version number."""
+    def set(self, service: str, username: str, secret: str | Secret, *,
+            ttl: float | None = None) -> int:
+        """Store a new version of a credential; returns its version number.
+
+        With ``ttl`` (seconds), reads of this version fail with
+        :class:`ExpiredError` once it is that old.
+        """
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
+                                or not 0 < ttl <= 100 * 365 * 86400):
+            raise UsageError("ttl must be a positive number of seconds, at most 100 years")
         data = _secret_bytes(secret)
 
         def body(storage: SQLiteStorage, note: _Note) -> int:
@@ -659,7 +687,8 @@ class Store:
                                         self._head_mac(service, username, None, 0))
             else:
                 self._verify_head(head)
-            return self._write_version(storage, head, data, now, note)
+            return self._write_version(storage, head, data, now, note,
+                                       float(ttl) if ttl is not None else None)
 
         return self._run("write", service, username, body, writes=True)
 
@@ -698,7 +727,7 @@ class Store:
 
         def body(storage: SQLiteStorage, note: _Note) -> int:
             head = self._existing(storage, service, username)
-            kept = [v for v, _, _ in storage.versions(head.id)]
+            kept = [v for v, _, _, _ in storage.versions(head.id)]
             target = to_version
             if target is None:
                 earlier = [v for v in kept if head.current_version is None
@@ -716,7 +745,9 @@ class Store:
                                     "is not kept", "not-kept")
             value = self._decrypt(head, row)
             note.reason = f"from-version-{target}"
-            return self._write_version(storage, head, value.encode("utf-8"), self._clock(), note)
+            # A restored value gets its version's TTL again, counted from now.
+            return self._write_version(storage, head, value.encode("utf-8"), self._clock(), note,
+                                       row.ttl)
 
         return self._run("rollback", service, username, body, writes=True)
 
@@ -739,8 +770,8 @@ class Store:
 
         def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
-            return [VersionInfo(v, k, created, v == head.current_version)
-                    for v, k, created in storage.versions(head.id)]
+            return [VersionInfo(v, k, created, v == head.current_version, expires)
+                    for v, k, created, expires in storage.versions(head.id)]
 
         return self._run("history", service, username, body)
 

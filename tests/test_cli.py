@@ -251,3 +251,25 @@ def test_passphrase_vault_without_passphrase_is_locked(home: Path) -> None:
     assert "needs a passphrase" in done.stderr
     done = run_cli("get", "s", "u", home=home, env={"KEYRING_HARDENED_PASSPHRASE": PASSPHRASE})
     assert done.returncode == 1
+
+
+def test_set_with_ttl_and_expired_exit_7(home: Path) -> None:
+    import sqlite3
+
+    assert run_cli("set", "svc", "u", "--ttl", "1h", home=home, stdin="x").returncode == 0
+    hist = json.loads(run_cli("history", "svc", "u", "--json", home=home).stdout)
+    assert hist[0]["expires_at"] is not None
+    assert "EXPIRES" in run_cli("history", "svc", "u", home=home).stdout
+    assert run_cli("set", "svc", "u", "--ttl", "soon", home=home, stdin="x").returncode == 2
+    # Move the clock past the expiry the honest way: a TTL of one second.
+    assert run_cli("set", "svc", "v", "--ttl", "1s", home=home, stdin=CANARY).returncode == 0
+    import time
+
+    time.sleep(1.1)
+    done = run_cli("get", "svc", "v", home=home)
+    assert done.returncode == 7
+    assert "expired at" in done.stderr
+    assert CANARY not in done.stdout + done.stderr
+    with sqlite3.connect(home / "vault.db") as conn:
+        assert conn.execute("SELECT count(*) FROM audit_events WHERE outcome = 'expired'"
+                            ).fetchone()[0] == 1

@@ -27,7 +27,8 @@ def test_pragmas_and_schema(db: Path) -> None:
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert st.schema() == ["0001_initial", "0002_audit"]
+        assert st.schema() == [name for name, _ in storage.MIGRATIONS]
+        assert st.schema()[:3] == ["0001_initial", "0002_audit", "0003_ttl"]
         assert conn.isolation_level is None
     finally:
         st.close()

@@ -353,3 +353,42 @@ def test_kek_record_damage_is_integrity(store: Store, home: Path) -> None:
         conn.execute("UPDATE keks SET wrapped = ?", (bytes(blob),))
     with pytest.raises(IntegrityError, match="key version 1"):
         Store.open(home)
+
+
+def test_ttl_expiry(home: Path) -> None:
+    from keyring_hardened.errors import ExpiredError
+
+    clock = FrozenClock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "u", "short-lived", ttl=3600)
+        assert s.history("svc", "u")[0].expires_at == clock.now + 3600
+        clock.advance(3599)
+        assert s.get("svc", "u").reveal() == "short-lived"
+        clock.advance(1)
+        with pytest.raises(ExpiredError, match="expired at") as info:
+            s.get("svc", "u")
+        assert "short-lived" not in str(info.value)
+        assert info.value.exit_code == 7
+        s.set("svc", "u", "renewed")
+        assert s.get("svc", "u").reveal() == "renewed"
+        with pytest.raises(ExpiredError):
+            s.get("svc", "u", version=1)
+        assert s.rollback("svc", "u", to_version=1) == 3  # restored with its TTL, from now
+        assert s.get("svc", "u").reveal() == "short-lived"
+        clock.advance(3601)
+        with pytest.raises(ExpiredError):
+            s.get("svc", "u")
+        for bad in (0, -1, True, "1h", 10**12):
+            with pytest.raises(UsageError, match="ttl"):
+                s.set("svc", "u", "x", ttl=bad)  # type: ignore[arg-type]
+
+
+def test_ttl_cannot_be_extended_by_editing(home: Path) -> None:
+    import sqlite3
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "x", ttl=60)
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.execute("UPDATE credentials SET expires_at = expires_at + 1e9")
+    with Store.open(home) as s, pytest.raises(IntegrityError):
+        s.get("svc", "u")
