@@ -112,9 +112,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     """Store a new version of a credential; the secret comes from stdin or a prompt."""
-    from .location import Location
-
     from .config import parse_duration
+    from .location import Location
 
     ttl = parse_duration(args.ttl, "--ttl") if args.ttl else None
     secret = _read_secret(args)
