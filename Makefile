@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 
 # Editable installs, refreshed whenever pyproject.toml changes.
 $(VENV)/.installed-base: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e .
+	$(PIP) install -e ".[ansible]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python

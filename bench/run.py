@@ -406,6 +406,14 @@ def report(inproc: list[dict[str, Any]], cold: list[dict[str, Any]],
               f"{'met' if rot['rewrap_per_second'] >= 20_000 else 'NOT met'}",
               f"- key rekey: {rot['rekey_small_ms']:.1f} ms at N=100, {rot['rekey_big_ms']:.1f} "
               f"ms at N={rot['rewrapped']:,} (re-wraps the KEKs only, so independent of N)"]
+    ans = audit_figs["ansible"]
+    lines += ["", "## Ansible (key-file mode)", "",
+              f"- 1,000 lookups in one task's template: {ans['one-ours_s']:.2f}s against "
+              f"{ans['one-env_s']:.2f}s with ansible.builtin.env: {ans['one_task_ratio']:.2f}x; "
+              f"target at most 1.3x: {'met' if ans['one_task_ratio'] <= 1.3 else 'NOT met'}",
+              f"- 100 tasks of one lookup each: {ans['many-ours_s']:.2f}s against "
+              f"{ans['many-env_s']:.2f}s: {ans['per_task_added_ms']:.1f} ms added per task; "
+              f"target under 25 ms: {'met' if ans['per_task_added_ms'] < 25 else 'NOT met'}"]
     if cold:
         plain = next(r for r in cold if r["backend"] == "PlaintextKeyring")["cold_ms"]
         lines += ["", "## Cold `keyring get` process, 100 entries (median ms)", "",
@@ -418,12 +426,74 @@ def report(inproc: list[dict[str, Any]], cold: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+ANSIBLE_ONE_TASK = """\
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - ansible.builtin.set_fact:
+        joined: "{%% for i in range(1000) %%}{{ %s }}{%% endfor %%}"
+      no_log: true
+"""
+
+ANSIBLE_TASK = """\
+    - ansible.builtin.set_fact:
+        value: "{{ %s }}"
+      no_log: true
+"""
+
+
+def run_ansible(tmp: Path, repeat: int) -> dict[str, Any]:
+    """Lookups in playbooks beside the same playbooks using ansible.builtin.env."""
+    bin_dir = Path(sys.executable).parent
+    home = tmp / "ansible-vault"
+    with Store.init(home) as store:
+        store.set("db.example.com", "app", "secret-value-00000001")
+    collections = tmp / "collections"
+    source = Path(__file__).resolve().parent.parent / "ansible_collection"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KEYRING_")},
+           "KEYRING_HARDENED_HOME": str(home), "ANSIBLE_COLLECTIONS_PATH": str(collections),
+           "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+           "ANSIBLE_HOME": str(tmp / "ansible-home"), "BENCH_VALUE": "secret-value-00000001"}
+    subprocess.run([str(bin_dir / "ansible-galaxy"), "collection", "install", str(source),
+                    "-p", str(collections)], env=env, check=True, capture_output=True)
+    ours = "lookup('hardened.keyring.credential', 'db.example.com', username='app')"
+    plain = "lookup('ansible.builtin.env', 'BENCH_VALUE')"
+    books = {}
+    for name, expr in (("ours", ours), ("env", plain)):
+        one = tmp / f"one-task-{name}.yml"
+        one.write_text(ANSIBLE_ONE_TASK % expr, "utf-8")
+        many = tmp / f"many-tasks-{name}.yml"
+        many.write_text(ANSIBLE_ONE_TASK.split("    - ")[0] + ANSIBLE_TASK % expr * 100, "utf-8")
+        books[name] = (one, many)
+    times: dict[str, list[float]] = {k: [] for k in
+                                     ("one-ours", "one-env", "many-ours", "many-env")}
+    for _ in range(repeat):
+        for name in ("ours", "env"):
+            for kind, book in zip(("one", "many"), books[name], strict=True):
+                t = time.perf_counter()
+                subprocess.run([str(bin_dir / "ansible-playbook"), "-i", "localhost,",
+                                str(book)], env=env, check=True, capture_output=True)
+                times[f"{kind}-{name}"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"one_task_ratio": med["one-ours"] / med["one-env"],
+              "per_task_added_ms": (med["many-ours"] - med["many-env"]) / 100 * 1000,
+              **{f"{k}_s": v for k, v in med.items()}}
+    print(f"  1,000 lookups in one task: {med['one-ours']:.2f}s against env's "
+          f"{med['one-env']:.2f}s ({result['one_task_ratio']:.2f}x)", flush=True)
+    print(f"  100 tasks of one lookup: {med['many-ours']:.2f}s against env's "
+          f"{med['many-env']:.2f}s, {result['per_task_added_ms']:.1f} ms added per task",
+          flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="100,10000,100000")
     parser.add_argument("--peer-sizes", default="100,10000")
     parser.add_argument("--repeat", type=int, default=2000)
     parser.add_argument("--cold-repeat", type=int, default=21)
+    parser.add_argument("--ansible-repeat", type=int, default=5)
     parser.add_argument("--out", default="bench/results/latest.md")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -438,6 +508,8 @@ def main() -> int:
         print("key rotation:", flush=True)
         audit_figs["rotation"] = rotation_figures(Path(tmp) / f"ours-{largest}",
                                                   Path(tmp) / f"ours-{min(sizes)}")
+        print("ansible:", flush=True)
+        audit_figs["ansible"] = run_ansible(Path(tmp), args.ansible_repeat)
         print("cold processes:", flush=True)
         cold = run_cold(Path(tmp), args.cold_repeat) if args.cold_repeat else []
     text = report(inproc, cold, audit_figs)

@@ -17,6 +17,25 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
+PLAYBOOK = """\
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Read a credential (no_log keeps it out of the output)
+      ansible.builtin.set_fact:
+        api_token: "{{ lookup('hardened.keyring.credential', 'api.example.com deploy') }}"
+      no_log: true
+    - name: Show only its length
+      ansible.builtin.debug:
+        msg: "the token has {{ api_token | length }} characters"
+    - name: Make sure a generated credential exists
+      hardened.keyring.credential:
+        service: generated.example.com
+        username: ansible
+        generate: {length: 24}
+"""
+
 
 def step(title: str) -> None:
     print(f"\n== {title}")
@@ -93,6 +112,21 @@ def main() -> int:
             conn.execute("UPDATE secret_versions SET ciphertext = zeroblob(40) WHERE version = 1")
         run(["keyring-hardened", "get", "db.example.com", "app", "--version", "1"], env,
             expect=3)
+
+        step("Ansible: install the collection, then read the credential in a playbook")
+        collections = Path(tmp, "collections")
+        source = Path(__file__).resolve().parent.parent / "ansible_collection"
+        ansible_env = {**env, "ANSIBLE_COLLECTIONS_PATH": str(collections),
+                       "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_NOCOLOR": "1",
+                       "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+                       "ANSIBLE_HOME": str(Path(tmp, "ansible-home"))}
+        run(["ansible-galaxy", "collection", "install", str(source), "-p", str(collections)],
+            ansible_env)
+        book = Path(tmp, "playbook.yml")
+        book.write_text(PLAYBOOK, "utf-8")
+        out = run(["ansible-playbook", "-i", "localhost,", str(book)], ansible_env)
+        assert "ok=3" in out, out
+        run(["keyring-hardened", "audit", "show", "--actor", "ansible"], env)
 
         step("Status")
         run(["keyring-hardened", "status"], env)

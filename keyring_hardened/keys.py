@@ -38,8 +38,7 @@ from .storage import SQLiteStorage
 if TYPE_CHECKING:
     from .store import Store, _Note
 
-__all__ = ["KeyInfo", "KeyManager", "RewrapSummary", "pending_key_file",
-           "recover_interrupted_rekey"]
+__all__ = ["KeyInfo", "KeyManager", "RewrapSummary", "recover_interrupted_rekey"]
 
 CRASH_ENV = "KEYRING_HARDENED_CRASH_AT"
 JOURNAL = "rekey.json"
@@ -70,11 +69,6 @@ def _crash_point(name: str) -> None:
     """Test hook: die here, as ``kill -9`` would, when ``KEYRING_HARDENED_CRASH_AT`` names it."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def pending_key_file(location: Location) -> Path:
-    """Where a rekey puts the new key file before renaming it into place."""
-    return location.key_file.with_name(location.key_file.name + ".new")
 
 
 @contextlib.contextmanager
@@ -147,7 +141,7 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
         except (OSError, ValueError, KeyError, TypeError):
             journal.unlink(missing_ok=True)
             return "removed a damaged rekey journal; the vault was not changed by it"
-        new_file = pending_key_file(location)
+        new_file = location.pending_key_file
         if storage.vault().generation > before:
             if target == "key file" and new_file.exists():
                 os.replace(new_file, location.key_file)
@@ -316,7 +310,7 @@ class KeyManager:
         store = self._store
         location = store.location
         vault_id = store._vault.vault_id
-        new_file = pending_key_file(location)
+        new_file = location.pending_key_file
         generation = store._vault.generation
         _write_json(location.home / JOURNAL, {"from_generation": generation, "from": old_mode,
                                              "to": target, "started_at": time.time()})

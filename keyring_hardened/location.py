@@ -59,6 +59,11 @@ class Location(NamedTuple):
         """The SQLite database of the vault."""
         return self.home / DB_NAME
 
+    @property
+    def pending_key_file(self) -> Path:
+        """Where a rekey puts the new key file before renaming it into place."""
+        return self.key_file.with_name(self.key_file.name + ".new")
+
     @classmethod
     def resolve(cls, home: str | os.PathLike[str] | None = None) -> Location:
         """Resolve from an explicit home, else the environment, else the default."""

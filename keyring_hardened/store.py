@@ -43,12 +43,12 @@ from .rootkey import (
     read_key_file,
 )
 from .secret import Secret
-from .sinks import Sinks
 from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
 
 if TYPE_CHECKING:
     from .keys import KeyManager
     from .passphrase import PassphraseProvider
+    from .sinks import Sinks
     from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Store", "VersionInfo"]
@@ -62,6 +62,22 @@ _VAULT_ID_LEN = 16
 #: Written by ``key rekey`` before it changes anything, removed when it is done.
 REKEY_JOURNAL = "rekey.json"
 T = TypeVar("T")
+
+
+class _NoSinks:
+    """Stands in for :class:`~keyring_hardened.sinks.Sinks` when none are configured."""
+
+    def emit(self, event: audit.Event) -> None:
+        """Nothing to mirror to."""
+
+
+def _sinks(specs: tuple[str, ...]) -> Sinks | _NoSinks:
+    """The configured audit sinks; their module loads only when there are some."""
+    if not specs:
+        return _NoSinks()
+    from .sinks import Sinks
+
+    return Sinks(specs)
 
 
 class _Note:
@@ -159,10 +175,8 @@ def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
     the vault already expects the new key: accept it from ``<key file>.new``,
     which only a rekey writes.
     """
-    from .keys import pending_key_file
-
     failure: LockedError | None = None
-    for path in (location.key_file, pending_key_file(location)):
+    for path in (location.key_file, location.pending_key_file):
         try:
             root = RootKey(read_key_file(path), vault.vault_id)
         except LockedError as exc:
@@ -207,7 +221,7 @@ class Store:
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._closed = False
-        self._sinks = Sinks(config.audit_sinks)
+        self._sinks = _sinks(config.audit_sinks)
         #: Events chained inside an operation (automatic rotation) to mirror after commit.
         self._pending_emit: list[audit.Event] = []
         #: Things a person should hear about this open (an interrupted rekey resolved).

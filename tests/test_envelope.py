@@ -185,3 +185,9 @@ def test_hkdf_matches_cryptography() -> None:
         assert ours == HKDF(hashes.SHA256(), n, salt, info).derive(ikm)
     with pytest.raises(ValueError, match="length"):
         _aead.hkdf_sha256(b"k", b"s", b"i", 0)
+
+
+def test_aesgcm_is_cryptographys_public_class() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as PUBLIC
+
+    assert _aead.AESGCM is PUBLIC
