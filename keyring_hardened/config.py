@@ -14,11 +14,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .rootkey import (
     ARGON2_DEFAULT,
     OWASP_ARGON2_FLOOR,
     PBKDF2_DEFAULT_ITERATIONS,
+    KdfParams,
 )
 
 __all__ = ["Config", "load_config", "parse_duration"]
@@ -177,6 +178,16 @@ class Config(NamedTuple):
     audit_sinks: tuple[str, ...] = ()
     audit_hmac_identifiers: bool = False
     audit_keep: float | None = None
+
+    def new_kdf_params(self, algorithm: str | None = None) -> KdfParams:
+        """Fresh passphrase KDF parameters (new salt) from these settings."""
+        chosen = algorithm or self.kdf_algorithm
+        if chosen == "argon2id":
+            return KdfParams.new_argon2id(self.argon2_memory_kib, self.argon2_iterations,
+                                          self.argon2_lanes)
+        if chosen == "pbkdf2":
+            return KdfParams.new_pbkdf2(self.pbkdf2_iterations)
+        raise UsageError("kdf must be argon2id or pbkdf2")
 
     @classmethod
     def from_mapping(cls, doc: Mapping[str, Any], path: Path | None = None) -> Config:

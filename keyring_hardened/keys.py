@@ -26,9 +26,10 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import envelope
+from ._files import fsync_dir, write_private
 from .envelope import DecryptFailed, Place
 from .errors import IntegrityError, UsageError
 from .location import Location
@@ -95,26 +96,6 @@ def _rekey_lock(home: Path, wait: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _describe(mode: str) -> str:
     return "the new key file" if mode == "key file" else "the new passphrase"
 
@@ -153,7 +134,7 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
             new_file.unlink(missing_ok=True)
             message = ("an interrupted rekey had not taken effect: the old root key still opens "
                        "this vault; run key rekey again")
-        _fsync_dir(location.home)
+        fsync_dir(location.home)
         journal.unlink(missing_ok=True)
         return message
 
@@ -289,15 +270,7 @@ class KeyManager:
             if passphrase is None or len(passphrase) < MIN_PASSPHRASE_CHARS:
                 raise UsageError(f"the new passphrase must be at least {MIN_PASSPHRASE_CHARS} "
                                  "characters")
-            algorithm = kdf or store.config.kdf_algorithm
-            cfg = store.config
-            if algorithm == "argon2id":
-                params = KdfParams.new_argon2id(cfg.argon2_memory_kib, cfg.argon2_iterations,
-                                                cfg.argon2_lanes)
-            elif algorithm == "pbkdf2":
-                params = KdfParams.new_pbkdf2(cfg.pbkdf2_iterations)
-            else:
-                raise UsageError("kdf must be argon2id or pbkdf2")
+            params = store.config.new_kdf_params(kdf)
         else:
             params = KdfParams.keyfile()
         with _rekey_lock(location.home, wait=False) as held:
@@ -312,8 +285,9 @@ class KeyManager:
         vault_id = store._vault.vault_id
         new_file = location.pending_key_file
         generation = store._vault.generation
-        _write_json(location.home / JOURNAL, {"from_generation": generation, "from": old_mode,
-                                             "to": target, "started_at": time.time()})
+        journal = {"from_generation": generation, "from": old_mode, "to": target,
+                   "started_at": time.time()}
+        write_private(location.home / JOURNAL, [json.dumps(journal)])
         if target == "key file":
             new_file.unlink(missing_ok=True)  # a leftover of a rekey that never committed
             create_key_file(new_file)
@@ -365,7 +339,7 @@ class KeyManager:
             os.replace(new_file, location.key_file)
         elif old_mode == "key file":
             location.key_file.unlink(missing_ok=True)
-        _fsync_dir(location.home)
+        fsync_dir(location.home)
         _crash_point("rekey-after-rename")
         (location.home / JOURNAL).unlink(missing_ok=True)
         store._root.close()

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._files import fsync_dir, fsync_file
 from .audit import Event
 from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
 
@@ -311,12 +312,12 @@ class SQLiteStorage:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 conn.close()
-            _fsync_file(tmp)
+            fsync_file(tmp)
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except sqlite3.Error as exc:
             raise _translate(exc, path) from None
@@ -705,16 +706,3 @@ def _check_header(path: Path) -> None:
     if pages and change_counter == valid_for and size < pages * page_size:
         raise IntegrityError(f"vault database {path} is truncated ({size} of "
                              f"{pages * page_size} bytes); restore it from a backup")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can fsync a directory
-        _fsync_file(path)

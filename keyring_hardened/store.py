@@ -336,7 +336,6 @@ class Store:
         if location.database.exists():
             raise UsageError(f"a vault already exists at {location.home}; "
                              "init never overwrites one")
-        algorithm = kdf or cfg.kdf_algorithm
         if kdf is not None and not passphrase_mode:
             raise UsageError("--kdf applies only with --passphrase")
         secret: str | None = None
@@ -344,13 +343,7 @@ class Store:
             secret = _source(cfg, passphrase, prompt)()
             if len(secret) < MIN_PASSPHRASE_CHARS:
                 raise UsageError(f"passphrase must be at least {MIN_PASSPHRASE_CHARS} characters")
-            if algorithm == "argon2id":
-                params = KdfParams.new_argon2id(cfg.argon2_memory_kib, cfg.argon2_iterations,
-                                                cfg.argon2_lanes)
-            elif algorithm == "pbkdf2":
-                params = KdfParams.new_pbkdf2(cfg.pbkdf2_iterations)
-            else:
-                raise UsageError("kdf must be argon2id or pbkdf2")
+            params = cfg.new_kdf_params(kdf)
         else:
             params = KdfParams.keyfile()
         made = cls._create(location, cfg, params, secret, clock, who)

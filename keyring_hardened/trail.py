@@ -9,13 +9,14 @@ holding the vault's key.
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit
+from ._files import write_private
 from .audit import Event, VerifyResult
 from .errors import IntegrityError, UsageError
 
@@ -30,22 +31,9 @@ FORMAT = "keyring-hardened audit v1"
 
 def _write_jsonl(path: Path, header: dict[str, Any], events: Iterable[Event]) -> int:
     """Write header and events to ``path`` (0600, replaced atomically); returns the count."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    count = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(header) + "\n")
-            for event in events:
-                f.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return count
+    lines = itertools.chain([json.dumps(header)],
+                            (json.dumps(e.to_json(), ensure_ascii=False) for e in events))
+    return write_private(path, lines) - 1
 
 
 def read_jsonl(path: Path) -> tuple[dict[str, Any], list[Event]]:
