@@ -257,3 +257,16 @@ def test_keyring_cli_round_trip(home: Path) -> None:
     listed = subprocess.run([sys.executable, "-m", "keyring", "--list-backends"], env=env,
                             text=True, capture_output=True, check=True)
     assert "keyring_hardened.backend.HardenedKeyring" in listed.stdout
+
+
+def test_selected_by_keyringrc(home: Path, tmp_path: Path) -> None:
+    config = tmp_path / "xdg-config" / "python_keyring"
+    config.mkdir(parents=True)
+    (config / "keyringrc.cfg").write_text(
+        "[backend]\ndefault-keyring=keyring_hardened.backend.HardenedKeyring\n")
+    env = dict(os.environ, KEYRING_HARDENED_HOME=str(home))
+    code = ("import keyring; print(type(keyring.get_keyring()).__name__);"
+            "keyring.set_password('svc', 'u', 'via-rc'); print(keyring.get_password('svc', 'u'))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["HardenedKeyring", "via-rc"]
