@@ -414,7 +414,7 @@ def _new_passphrase() -> str:
 def cmd_key_rekey(args: argparse.Namespace) -> int:
     """Replace the root key (new key file or passphrase, or switch modes)."""
     with _open(args) as store:
-        current = "passphrase" if store._kdf.uses_passphrase else "key file"
+        current = store.mode
         target = "passphrase" if args.passphrase else "key file" if args.key_file else current
         if args.kdf and target != "passphrase":
             raise UsageError("--kdf applies only to a passphrase")

@@ -37,7 +37,7 @@ from .rootkey import KdfParams, RootKey, create_key_file, derive_from_passphrase
 from .storage import SQLiteStorage
 
 if TYPE_CHECKING:
-    from .store import Store, _Note
+    from .session import Session, _Note
 
 __all__ = ["KeyInfo", "KeyManager", "RewrapSummary", "recover_interrupted_rekey"]
 
@@ -142,7 +142,7 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
 class KeyManager:
     """Key operations of one unlocked :class:`~keyring_hardened.store.Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Session) -> None:
         self._store = store
 
     def versions(self) -> list[KeyInfo]:
@@ -255,7 +255,7 @@ class KeyManager:
         characters) and the KDF parameters come from config, so raising
         them there upgrades the vault here. Returns a one-line summary.
         """
-        from .store import MIN_PASSPHRASE_CHARS
+        from .session import MIN_PASSPHRASE_CHARS
 
         store = self._store
         location = store.location

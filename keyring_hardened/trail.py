@@ -21,8 +21,8 @@ from .audit import Event, VerifyResult
 from .errors import IntegrityError, UsageError
 
 if TYPE_CHECKING:
+    from .session import Session, _Note
     from .storage import SQLiteStorage
-    from .store import Store, _Note
 
 __all__ = ["AuditTrail"]
 
@@ -64,7 +64,7 @@ def read_jsonl(path: Path) -> tuple[dict[str, Any], list[Event]]:
 class AuditTrail:
     """The audit operations of one unlocked :class:`~keyring_hardened.store.Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Session) -> None:
         self._store = store
 
     def _key(self) -> bytearray:

@@ -36,7 +36,8 @@ def test_core_imports_with_adapters_blocked() -> None:
         import keyring_hardened
         from keyring_hardened import testing
         for m in ("errors", "secret", "envelope", "rootkey", "config", "location",
-                  "passphrase", "storage", "store"):
+                  "passphrase", "storage", "session", "store", "audit", "trail", "keys",
+                  "sinks"):
             __import__("keyring_hardened." + m)
         with testing.temporary_store() as s:
             s.set("a", "b", "c")
