@@ -207,6 +207,8 @@ def read_key_file(path: Path) -> bytearray:
                           "key-file-unreadable") from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"key file {path} is not a regular file")
         # As ssh does with private keys: a key others can read is not a secret.
         if st.st_mode & 0o077:
             raise ConfigError(f"key file {path} is accessible by group or others "

@@ -392,3 +392,13 @@ def test_ttl_cannot_be_extended_by_editing(home: Path) -> None:
         conn.execute("UPDATE credentials SET expires_at = expires_at + 1e9")
     with Store.open(home) as s, pytest.raises(IntegrityError):
         s.get("svc", "u")
+
+
+def test_key_file_that_is_a_folder_is_refused(home: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "not-a-key"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setenv("KEYRING_HARDENED_KEY_FILE", str(folder))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Store.init(home)
+    assert not (home / "vault.db").exists()
