@@ -79,6 +79,8 @@ def _read_secret(args: argparse.Namespace) -> str:
         if getpass.getpass("Repeat secret: ") != first:
             raise UsageError("the two entries did not match; nothing was stored")
         return first
+    if sys.stdin is None:
+        raise UsageError("no secret: stdin is closed (pipe the secret in, or run on a terminal)")
     try:
         data = sys.stdin.buffer.read()
     except OSError as exc:
@@ -90,6 +92,11 @@ def _read_secret(args: argparse.Namespace) -> str:
     if not args.no_strip:
         # As the keyring CLI does: one trailing newline is the pipe's, not the secret's.
         text = text.removesuffix("\n")
+    if not text and not args.allow_empty:
+        # An empty pipe is far more often a mistake (</dev/null, a failed command)
+        # than a wish to store nothing; it would replace the current value.
+        raise UsageError("the secret on stdin is empty; nothing was stored (use --allow-empty "
+                         "to store an empty secret)")
     return text
 
 
@@ -454,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("set", cmd_set, "service", "username")
     p.add_argument("--no-strip", action="store_true",
                    help="keep a trailing newline read from stdin")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="store an empty secret (refused by default)")
     p.add_argument("--ttl", metavar="DUR",
                    help="the value expires after this long (90s, 15m, 12h, 30d); reads then "
                         "fail with exit 7")

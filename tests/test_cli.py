@@ -273,3 +273,31 @@ def test_set_with_ttl_and_expired_exit_7(home: Path) -> None:
     with sqlite3.connect(home / "vault.db") as conn:
         assert conn.execute("SELECT count(*) FROM audit_events WHERE outcome = 'expired'"
                             ).fetchone()[0] == 1
+
+
+def test_set_refuses_empty_and_closed_stdin(run: Any, home: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run("set", "s", "u", stdin="kept")
+    code, _, err = run("set", "s", "u", stdin="")
+    assert code == 2
+    assert "empty; nothing was stored" in err
+    code, _, err = run("set", "s", "u", stdin="\n")
+    assert code == 2
+    assert run("get", "s", "u")[1] == "kept\n"
+    assert run("set", "s", "u", "--allow-empty", stdin="")[0] == 0
+    assert run("get", "s", "u")[1] == "\n"
+    monkeypatch.setattr("sys.stdin", None)
+    assert cli.main(["set", "s", "u"]) == 2
+    assert "stdin is closed" in capsys.readouterr().err
+
+
+def test_set_with_closed_stdin_process(home: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "keyring_hardened", "--home", str(home), "set",
+                           "s", "u"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 2
+    assert not (home / "vault.db").exists()

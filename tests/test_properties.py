@@ -63,7 +63,7 @@ def test_cli_round_trip(tmp_path_factory: pytest.TempPathFactory, service: str, 
                         secret: str) -> None:
     home = tmp_path_factory.getbasetemp() / "cli-prop"
     # "--" ends the options, so names that start with "-" are names.
-    args = ["--home", str(home), "set", "--no-strip", "--", service, username]
+    args = ["--home", str(home), "set", "--no-strip", "--allow-empty", "--", service, username]
     if "\x00" in service + username:
         # NUL cannot travel in argv at all; the store refuses it through the API.
         return
