@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import UsageError
+
 __all__ = ["fsync_dir", "fsync_file", "write_private"]
 
 
@@ -33,7 +35,10 @@ def write_private(path: Path, lines: Iterable[str]) -> int:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -43,6 +48,9 @@ def write_private(path: Path, lines: Iterable[str]) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

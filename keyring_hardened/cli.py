@@ -281,9 +281,11 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
         doc = store.trail.checkpoint()
     text = json.dumps(doc) + "\n"
     if args.file and args.file != "-":
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        from pathlib import Path
+
+        from ._files import write_private
+
+        write_private(Path(args.file), [text.rstrip("\n")])
         sys.stderr.write(f"checkpoint at event {doc['seq']} written to {args.file}\n")
     else:
         sys.stdout.write(text)

@@ -499,3 +499,21 @@ def test_audit_survives_vault_reopen_in_backend(home: Path,
     ops = [(r[1], r[2]) for r in _events(home)]
     assert ops == [("my-app", "init"), ("my-app", "write"), ("my-app", "read")]
     assert os.environ["KEYRING_HARDENED_ACTOR"] == "my-app"
+
+
+def test_unwritable_output_paths_are_usage_errors(chain: Path, tmp_path: Path) -> None:
+    time.sleep(1.1)  # so that a 1s retention has events to archive
+    before = len(_events(chain))
+    for args in (("audit", "export", "/nonexistent/dir/x.jsonl"),
+                 ("audit", "checkpoint", "/nonexistent/dir/cp.json"),
+                 ("audit", "prune", "--archive", "/nonexistent/dir/a.jsonl", "--keep", "1s")):
+        done = run_cli(*args, home=chain)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "cannot write /nonexistent/dir/" in done.stderr
+    # Nothing was pruned when the archive could not be written; the three
+    # failures are audited like any other.
+    rows = _events(chain)
+    assert rows[0][0] == 1
+    assert len(rows) == before + 3
+    assert [r[5] for r in rows[-3:]] == ["usage", "ok", "usage"]
+    assert _verify(chain).returncode == 0
