@@ -62,7 +62,6 @@ class RewrapSummary(NamedTuple):
     rewrapped: int
     batches: int
     target_version: int
-    remaining: int
     seconds: float
 
 
@@ -220,7 +219,7 @@ class KeyManager:
                 progress(done, max(total, done))
             _crash_point("rewrap-after-batch")
         # The loop ends only on a batch that found nothing left to rewrap.
-        return RewrapSummary(done, batches, target, 0, time.perf_counter() - started)
+        return RewrapSummary(done, batches, target, time.perf_counter() - started)
 
     def retire(self, below: int) -> list[int]:
         """Retire KEK versions under ``below``; refused while anything still uses them."""

@@ -260,7 +260,7 @@ class Session:
         store = cls(location, cfg, storage, vault, root, VaultKeys(material, vault.vault_id),
                     clock, actor)
         try:
-            store._load_keks()
+            store._load_keks(fresh=True)
         except IntegrityError as exc:
             store._record_failure("unlock", exc)
             store.close()
@@ -352,8 +352,12 @@ class Session:
             raise LockedError("wrong passphrase", "wrong-passphrase")
         return root
 
-    def _load_keks(self) -> None:
-        self._check_generation(self._storage)
+    def _load_keks(self, fresh: bool = False) -> None:
+        # ``fresh``: this open read the vault record an instant ago; reading it
+        # again would not close the window for a concurrent rekey, only cost
+        # a query on every cold start.
+        if not fresh:
+            self._check_generation(self._storage)
         for record in self._storage.keks():
             if record.version in self._keks or record.state == "retired" or record.wrapped is None:
                 continue

@@ -349,21 +349,6 @@ class SQLiteStorage:
                 raise _translate(exc, self.path) from None
             raise
 
-    @contextlib.contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """A read transaction: several reads see one consistent state."""
-        try:
-            self._conn.execute("BEGIN")
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
-        finally:
-            if self._conn.in_transaction:
-                self._conn.rollback()
-
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
             return self._conn.execute(sql, params).fetchall()
