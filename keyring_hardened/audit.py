@@ -1,14 +1,20 @@
 """The audit chain: pure functions of events, keys and ``now``.
 
 Every event carries ``mac = HMAC-SHA256(audit key, previous mac || canonical
-encoding)``. The audit key is derived from the root key with HKDF and never
-stored, so nobody without the vault's key can forge, edit, insert, reorder
-or delete an event without :func:`verify` noticing. Sequence numbers are
-contiguous, so a deleted event is named by the gap it leaves; truncation of
-the newest events is detected against a checkpoint kept elsewhere.
+encoding)``. The audit key is derived with HKDF from the vault key of the
+event's *epoch* (the vault key is random, stored only wrapped under the
+root key, and replaced by every ``key rekey``), so nobody without it can
+forge, edit, insert, reorder or delete an event without :func:`verify`
+noticing. Sequence numbers are contiguous, so a deleted event is named by
+the gap it leaves. Each event also carries the vault's state root (see
+:mod:`keyring_hardened.state`), so the newest event pins every row of the
+vault, and a cut of the trail's tail that drops a write contradicts the rows.
 
 The canonical encoding is compact JSON of a fixed field list, so other tools
-can recompute a chain from an export given the key.
+can recompute a chain from an export given the key:
+``[seq, ts_us, actor, op, service, username, outcome, key_version, reason,
+epoch, root_hex]`` (format 2). Events written by keyring-hardened 0.1 have
+no epoch and no root, and are encoded without those two fields (format 1).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -50,6 +56,10 @@ class Event(NamedTuple):
     key_version: int | None
     reason: str | None
     mac: bytes = b""
+    #: The vault-key epoch whose audit key made ``mac`` (None: a 0.1 event).
+    epoch: int | None = None
+    #: The vault's state root after this event (None: a 0.1 event).
+    root: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The export form: every field, the time as ISO 8601 too, the mac in hex."""
@@ -60,7 +70,8 @@ class Event(NamedTuple):
         return {"seq": self.seq, "time": stamp, "ts_us": self.ts_us, "actor": self.actor,
                 "op": self.op, "service": self.service, "username": self.username,
                 "outcome": self.outcome, "key_version": self.key_version,
-                "reason": self.reason, "mac": self.mac.hex()}
+                "reason": self.reason, "mac": self.mac.hex(), "epoch": self.epoch,
+                "root": self.root.hex() if self.root is not None else None}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Event:
@@ -73,21 +84,35 @@ class Event(NamedTuple):
                 raise TypeError(name)
         if key_version is not None and not isinstance(key_version, int):
             raise TypeError("key_version")
+        epoch, root = doc.get("epoch"), doc.get("root")
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+            raise TypeError("epoch")
+        if root is not None and not isinstance(root, str):
+            raise TypeError("root")
         strings = [doc[k] for k in ("actor", "op", "outcome")]
         optional = [doc[k] for k in ("service", "username", "reason")]
         if not all(isinstance(s, str) for s in strings) or not all(
                 s is None or isinstance(s, str) for s in optional):
             raise TypeError("text fields")
         return cls(seq, ts_us, doc["actor"], doc["op"], doc["service"], doc["username"],
-                   doc["outcome"], key_version, doc["reason"], bytes.fromhex(doc["mac"]))
+                   doc["outcome"], key_version, doc["reason"], bytes.fromhex(doc["mac"]),
+                   epoch, bytes.fromhex(root) if root is not None else None)
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def canonical(event: Event) -> bytes:
-    """The bytes the mac covers: compact JSON of every field but the mac."""
-    return _ENCODE(list(event[:9])).encode("utf-8")
+    """The bytes the mac covers: compact JSON of every field but the mac.
+
+    Format 2 (epoch and root present) appends ``epoch`` and the root in hex
+    to the nine fields of format 1. Blanking the epoch or root of a format-2
+    event to pass it off as format 1 changes the bytes, so its mac fails.
+    """
+    fields: list[object] = list(event[:9])
+    if event.root is not None or event.epoch is not None:
+        fields += [event.epoch, event.root.hex() if event.root is not None else None]
+    return _ENCODE(fields).encode("utf-8")
 
 
 def chain_mac(key: bytes | bytearray, previous: bytes, event: Event) -> bytes:
@@ -106,28 +131,58 @@ class VerifyResult(NamedTuple):
     problem: str | None
 
 
-def verify(key: bytes | bytearray, events: Iterable[Event], anchor_seq: int = 0,
-           anchor_mac: bytes = GENESIS) -> VerifyResult:
+#: Operations that may move the chain to the next vault-key epoch.
+EPOCH_CHANGES = ("key-rekey", "upgrade")
+
+
+def verify(keys: Mapping[int, bytes | bytearray], events: Iterable[Event], anchor_seq: int = 0,
+           anchor_mac: bytes = GENESIS, legacy_epoch: int | None = None,
+           anchor_epoch: int | None = None) -> VerifyResult:
     """Check a chain that continues from ``(anchor_seq, anchor_mac)``.
 
-    Returns at the first bad event: its sequence number and what is wrong
-    (a gap means deleted events; a bad mac means an edited, inserted or
-    reordered one).
+    ``keys`` maps each vault-key epoch to its audit key. Epochs never go
+    back, and move forward by one only at a rekey (or the upgrade of a 0.1
+    vault); format-1 events (no epoch) may only come before format-2 ones
+    and use the key of ``legacy_epoch``. Returns at the first bad event:
+    its sequence number and what is wrong (a gap means deleted events; a
+    bad mac means an edited, inserted or reordered one).
     """
     prev_seq, prev_mac, count = anchor_seq, anchor_mac, 0
-    raw = bytes(key)
+    epoch = anchor_epoch
+    seen_v2 = False
+    raw = {e: bytes(k) for e, k in keys.items()}
     for event in events:
+        problem: str | None = None
         if event.seq != prev_seq + 1:
             if event.seq <= prev_seq:
                 problem = f"event {event.seq} is out of order after {prev_seq}"
             else:
                 problem = f"events {prev_seq + 1} to {event.seq - 1} are missing"
             return VerifyResult(False, count, prev_seq, prev_mac, event.seq, problem)
-        expected = hmac.digest(raw, prev_mac + canonical(event), "sha256")
-        if not hmac.compare_digest(expected, event.mac):
-            return VerifyResult(False, count, prev_seq, prev_mac, event.seq,
-                                f"event {event.seq} does not match its mac (edited, inserted "
-                                "or reordered)")
+        if event.epoch is None:
+            use = legacy_epoch
+            if seen_v2 or event.root is not None:
+                problem = f"event {event.seq} lacks an epoch (edited?)"
+        else:
+            use = event.epoch
+            if event.root is None:
+                problem = f"event {event.seq} lacks a state root (edited?)"
+            elif epoch is not None and event.epoch != epoch and not (
+                    event.epoch == epoch + 1 and event.op in EPOCH_CHANGES):
+                problem = (f"event {event.seq} changes the key epoch from {epoch} to "
+                           f"{event.epoch} outside a rekey")
+            seen_v2 = True
+        key = raw.get(use) if use is not None else None
+        if problem is None and key is None:
+            problem = f"event {event.seq} names key epoch {use}, which this vault does not hold"
+        if problem is None and key is not None:
+            expected = hmac.digest(key, prev_mac + canonical(event), "sha256")
+            if not hmac.compare_digest(expected, event.mac):
+                problem = (f"event {event.seq} does not match its mac (edited, inserted "
+                           "or reordered)")
+        if problem is not None:
+            return VerifyResult(False, count, prev_seq, prev_mac, event.seq, problem)
+        epoch = event.epoch if event.epoch is not None else use
         prev_seq, prev_mac, count = event.seq, event.mac, count + 1
     return VerifyResult(True, count, prev_seq, prev_mac, None, None)
 

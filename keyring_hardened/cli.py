@@ -64,12 +64,22 @@ def _tty() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+#: Stores this command opened, whose later notices are printed when it ends.
+_OPENED: list[Any] = []
+
+
+def _print_notices(store: Any) -> None:
+    for notice in store.notices:
+        sys.stderr.write(f"{PROG}: note: {notice}\n")
+    store.notices.clear()
+
+
 def _open(args: argparse.Namespace, create: bool = False) -> Any:
     from .store import Store
 
     store = Store.open(args.home, prompt=_prompt_once if _tty() else None, create=create)
-    for notice in store.notices:
-        sys.stderr.write(f"{PROG}: note: {notice}\n")
+    _print_notices(store)
+    _OPENED.append(store)
     return store
 
 
@@ -186,8 +196,19 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Restore a kept version as the new current version."""
     with _open(args) as store:
-        version = store.rollback(args.service, args.username, to_version=args.version)
+        version = store.rollback(args.service, args.username, to_version=args.version,
+                                 allow_expired=args.allow_expired)
     sys.stderr.write(f"restored as version {version}\n")
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Authenticate the state of a vault made by keyring-hardened 0.1 (once)."""
+    from .store import Store
+
+    with Store.open(args.home, prompt=_prompt_once if _tty() else None, upgrade=True) as store:
+        message = store.upgrade()
+    sys.stderr.write(message + "\n")
     return 0
 
 
@@ -485,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "service", "username")
     p.add_argument("--version", type=int, metavar="N",
                    help="version to restore (default: the one before the current)")
+    p.add_argument("--allow-expired", action="store_true",
+                   help="restore a version past its expiry (its TTL then counts anew)")
+
+    add("upgrade", cmd_upgrade)
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
@@ -561,7 +586,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "home"):
         args.home = None
     try:
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        finally:
+            while _OPENED:
+                _print_notices(_OPENED.pop())
     except HardenedError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return exc.exit_code

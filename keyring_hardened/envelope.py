@@ -188,13 +188,11 @@ def wrap_vault_key(wrap_key: Aead, vault_id: bytes, material: bytes | bytearray,
     return _seal(wrap_key, bytes(material), _vault_key_ad(vault_id), rng)
 
 
-def new_vault_key(wrap_key: Aead, vault_id: bytes, rng: Rng = _aead.random_bytes) -> bytes:
-    """Make a random vault key and return it wrapped (the clear copy is wiped)."""
+def new_vault_key(wrap_key: Aead, vault_id: bytes, rng: Rng = _aead.random_bytes
+                  ) -> tuple[bytes, bytearray]:
+    """Make a random vault key: (wrapped under ``wrap_key``, the clear key to wipe after use)."""
     material = bytearray(rng(KEY_LEN))
-    try:
-        return wrap_vault_key(wrap_key, vault_id, material, rng)
-    finally:
-        _aead.wipe(material)
+    return wrap_vault_key(wrap_key, vault_id, material, rng), material
 
 
 def unwrap_vault_key(wrap_key: Aead, vault_id: bytes, blob: bytes) -> bytearray:
@@ -204,6 +202,30 @@ def unwrap_vault_key(wrap_key: Aead, vault_id: bytes, blob: bytes) -> bytearray:
         _aead.wipe(material)
         raise DecryptFailed("vault-key-length")
     return material
+
+
+def _past_key_ad(vault_id: bytes, epoch: int) -> bytes:
+    return _ad(b"kh2/past-vault-key", vault_id, _u32(epoch))
+
+
+def wrap_past_vault_key(wrap_key: Aead, vault_id: bytes, epoch: int,
+                        material: bytes | bytearray, rng: Rng = _aead.random_bytes) -> bytes:
+    """Wrap an earlier epoch's vault key under the current vault key's wrapping key."""
+    return _seal(wrap_key, bytes(material), _past_key_ad(vault_id, epoch), rng)
+
+
+def unwrap_past_vault_key(wrap_key: Aead, vault_id: bytes, epoch: int, blob: bytes) -> bytearray:
+    """Unwrap an earlier epoch's vault key, or raise :class:`DecryptFailed`."""
+    material = bytearray(_open(wrap_key, blob, _past_key_ad(vault_id, epoch)))
+    if len(material) != KEY_LEN:
+        _aead.wipe(material)
+        raise DecryptFailed("past-vault-key-length")
+    return material
+
+
+def wipe(buf: bytearray) -> None:
+    """Overwrite a clear key with zeros (best effort: CPython may hold copies)."""
+    _aead.wipe(buf)
 
 
 def new_kek(version: int, rng: Rng = _aead.random_bytes) -> Kek:

@@ -28,13 +28,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import envelope
+from . import audit, envelope
 from ._files import fsync_dir, write_private
 from .envelope import DecryptFailed, Place
-from .errors import IntegrityError, UsageError
+from .errors import HardenedError, IntegrityError, UsageError
 from .location import Location
-from .rootkey import KdfParams, RootKey, create_key_file, derive_from_passphrase, read_key_file
-from .storage import SQLiteStorage
+from .rootkey import (
+    KdfParams,
+    RootKey,
+    VaultKeys,
+    create_key_file,
+    derive_from_passphrase,
+    read_key_file,
+)
+from .session import _version_digest
+from .state import bucket_of
+from .storage import HeadRow, SQLiteStorage
 
 if TYPE_CHECKING:
     from .session import Session, _Note
@@ -102,40 +111,63 @@ def _describe(mode: str) -> str:
 def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str | None:
     """Finish or undo the file steps of a rekey that was killed; say which key opens the vault.
 
-    The database says whether the rekey committed (its generation moved on).
-    If it did, the new key file is moved into place (or the old one removed,
-    for a switch to a passphrase); if not, the unused new key file is
-    removed. Returns a sentence for the user, or None when a rekey is still
-    running in another process.
+    Nothing in the journal is trusted to decide an action: what to do is read
+    from the vault itself. A new key file (``<key file>.new``) that matches
+    the vault's verifier is moved into place (the rekey committed); one that
+    does not is removed. A key file left by a committed switch to a
+    passphrase is removed only if it no longer opens the vault. Returns a
+    sentence for the user, or None when a rekey is still running in another
+    process.
     """
     journal = location.home / JOURNAL
     with _rekey_lock(location.home, wait=False) as held:
         if not held:
             return None
-        try:
-            doc = json.loads(journal.read_text("utf-8"))
-            before, target = int(doc["from_generation"]), str(doc["to"])
-            old_mode = str(doc["from"])
-        except FileNotFoundError:
+        if not journal.exists():
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            journal.unlink(missing_ok=True)
-            return "removed a damaged rekey journal; the vault was not changed by it"
+        vault = storage.vault()
         new_file = location.pending_key_file
-        if storage.vault().generation > before:
-            if target == "key file" and new_file.exists():
+        if new_file.exists():
+            committed = _opens(new_file, vault.vault_id, vault.verifier)
+            if committed:
                 os.replace(new_file, location.key_file)
-            elif target == "passphrase" and old_mode == "key file":
-                location.key_file.unlink(missing_ok=True)
-            message = (f"an interrupted rekey had completed: {_describe(target)} opens this "
-                       "vault now, the old root key no longer does")
+            else:
+                new_file.unlink(missing_ok=True)
         else:
-            new_file.unlink(missing_ok=True)
-            message = ("an interrupted rekey had not taken effect: the old root key still opens "
-                       "this vault; run key rekey again")
+            # Whether it committed is then only the journal's word; it decides
+            # the message, never an action.
+            committed = _journal_generation(journal) < vault.generation
+            if KdfParams.from_json(vault.kdf).uses_passphrase and location.key_file.exists() \
+                    and not _opens(location.key_file, vault.vault_id, vault.verifier):
+                location.key_file.unlink()  # left by a committed switch to a passphrase
         fsync_dir(location.home)
         journal.unlink(missing_ok=True)
-        return message
+        if committed:
+            return ("an interrupted rekey had completed: the new root key opens this vault "
+                    "now, the old one no longer does")
+        return ("an interrupted rekey had not taken effect: the old root key still opens this "
+                "vault; run key rekey again")
+
+
+def _opens(path: Path, vault_id: bytes, verifier: bytes) -> bool:
+    """Whether the key file at ``path`` is the one the vault's verifier names."""
+    try:
+        root = RootKey(read_key_file(path), vault_id)
+    except HardenedError:
+        return False
+    try:
+        return root.matches(vault_id, verifier)
+    finally:
+        root.close()
+
+
+def _journal_generation(journal: Path) -> int:
+    """The generation a journal says its rekey started from (only for the message)."""
+    try:
+        value = json.loads(journal.read_text("utf-8"))["from_generation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 2**62
+    return value if isinstance(value, int) and not isinstance(value, bool) else 2**62
 
 
 class KeyManager:
@@ -149,7 +181,7 @@ class KeyManager:
         def body(storage: SQLiteStorage, note: _Note) -> list[KeyInfo]:
             in_use = storage.keys_in_use()
             return [KeyInfo(k.version, k.state, k.created_at, in_use.get(k.version, 0),
-                            k.wrap_count) for k in storage.keks()]
+                            k.wrap_count) for k in self._store._meta(storage).keks]
 
         return self._store._run("key-list", None, None, body)
 
@@ -179,9 +211,7 @@ class KeyManager:
         started = time.perf_counter()
 
         def count(storage: SQLiteStorage, note: _Note) -> tuple[int, int]:
-            active = storage.active_kek()
-            if active is None:
-                raise IntegrityError("the vault has no active key version", "no-active-kek")
+            active = store._meta(storage).active
             note.key_version = active.version
             return active.version, storage.under_keks_below(active.version)[0]
 
@@ -189,25 +219,44 @@ class KeyManager:
         done = batches = 0
 
         def one_batch(storage: SQLiteStorage, note: _Note) -> int:
-            active = storage.active_kek()
-            assert active is not None  # noqa: S101 - checked by the plan, kept by rotate
+            active = store._meta(storage).active
             new = store._kek(active.version)
-            updates = []
-            for cred_id, service, username, version, kek_version, wrapped in \
-                    storage.rewrap_candidates(active.version, batch):
-                place = Place(store._vault.vault_id, service, username, version)
+            heads: dict[int, HeadRow] = {}
+            n = 0
+            for head_id, service, row in storage.rewrap_candidates(active.version, batch):
+                head = heads.get(head_id)
+                if head is None:
+                    # Only rows of a checked head, itself checked whole, are re-wrapped.
+                    head = next((h for h in store._bucket(storage, store._state(),
+                                                          bucket_of(service))
+                                 if h.id == head_id), None)
+                    if head is None:
+                        raise IntegrityError(f"a stored version of service {service!r} belongs "
+                                             "to no credential (tampered?)", "state-version")
+                    store._versions(storage, head)
+                    heads[head_id] = head
+                store._checked(head, row)
+                place = Place(store._vault.vault_id, head.service, head.username, row.version)
                 try:
-                    rewrapped = envelope.rewrap_key(store._kek(kek_version), new, place, wrapped)
+                    rewrapped = envelope.rewrap_key(store._kek(row.kek_version), new, place,
+                                                    row.wrapped_key)
                 except DecryptFailed as exc:
-                    raise IntegrityError(f"service {service!r}, user {username!r}, version "
-                                         f"{version}: integrity check failed; nothing in this "
-                                         "batch was changed", f"rewrap-{exc.args[0]}") from None
-                updates.append((active.version, rewrapped, cred_id, version))
-            storage.set_wrapped_keys(updates)
-            storage.count_wrap(active.version, len(updates))
+                    raise IntegrityError(f"service {head.service!r}, user {head.username!r}, "
+                                         f"version {row.version}: integrity check failed; "
+                                         "nothing in this batch was changed",
+                                         f"rewrap-{exc.args[0] if exc.args else 'tag'}") from None
+                moved = row._replace(kek_version=active.version, wrapped_key=rewrapped)
+                storage.set_wrapped_key(head_id, row.version, active.version, rewrapped,
+                                        _version_digest(moved))
+                n += 1
+            for head in heads.values():
+                store._move_head(storage, head, head.current_version, head.last_version,
+                                 head.updated_at, head.expires_at)
+            storage.count_wrap(active.version, n)
+            store._touch_meta()
             note.key_version = active.version
-            note.reason = f"rewrapped-{len(updates)}"
-            return len(updates)
+            note.reason = f"rewrapped-{n}"
+            return n
 
         while True:
             n = store._run("key-rewrap", None, None, one_batch, writes=True)
@@ -226,8 +275,8 @@ class KeyManager:
         store = self._store
 
         def body(storage: SQLiteStorage, note: _Note) -> list[int]:
-            active = storage.active_kek()
-            if active is not None and below > active.version:
+            active = store._meta(storage).active
+            if below > active.version:
                 raise UsageError(f"cannot retire key version {active.version}: it is the "
                                  "active one; rotate first", "retire-active")
             versions, creds = storage.under_keks_below(below)
@@ -235,7 +284,12 @@ class KeyManager:
                 raise UsageError(f"key versions below {below} still wrap {versions} data keys "
                                  f"of {creds} credentials; run: keyring-hardened key rewrap",
                                  "retire-in-use")
-            retired = storage.retire_keks_below(below)
+            retired = [k.version for k in store._meta(storage).keks
+                       if k.version < below and k.state != "retired"]
+            for version in retired:
+                storage.retire_kek(version)
+            if retired:
+                store._touch_meta()
             note.reason = "retired-" + ",".join(map(str, retired)) if retired else "none"
             return retired
 
@@ -244,6 +298,8 @@ class KeyManager:
             kek = store._keks.pop(version, None)
             if kek is not None:
                 kek.wipe()
+        if retired:
+            store._checkpoint("retire")
         return retired
 
     def rekey(self, *, to: str | None = None, passphrase: str | None = None,
@@ -279,6 +335,17 @@ class KeyManager:
 
     def _rekey_locked(self, old_mode: str, target: str, params: KdfParams,
                       passphrase: str | None) -> str:
+        """Replace the root key, the vault key and the active KEK, in one transaction.
+
+        Revocation: the new vault key starts a new epoch (the rekey event is
+        its first, MACed under it), and a new KEK wrapped under the new root
+        key becomes active. So a holder of the old root key, even with an old
+        copy of the vault, cannot read what is written afterwards, nor forge
+        the state or an event that verifies. Older KEKs and the old vault key
+        stay readable to the new root key only (history and old events).
+        Every re-wrapped key is unwrapped again with the new root key and
+        compared before anything commits.
+        """
         store = self._store
         location = store.location
         vault_id = store._vault.vault_id
@@ -292,44 +359,69 @@ class KeyManager:
             create_key_file(new_file)
             material = read_key_file(new_file)
         else:
-            assert passphrase is not None  # noqa: S101 - checked by rekey()
+            if passphrase is None:  # pragma: no cover - checked by rekey()
+                raise UsageError("a new passphrase is needed")
             material = derive_from_passphrase(params, passphrase)
         new_root = RootKey(material, vault_id)
         _crash_point("rekey-before-commit")
+        made: list[VaultKeys] = []
 
         def body(storage: SQLiteStorage, note: _Note) -> None:
-            vault = storage.vault()
+            meta = store._meta(storage)
+            vault = meta.vault
             if vault.generation != generation:
                 raise UsageError("the root key was changed by another process; open the "
                                  "vault again", "rekey-race")
-            # Re-wrap the vault key and every KEK, and prove the new root key
-            # unwraps each one to the same bytes before anything is committed.
-            vault_key = envelope.unwrap_vault_key(store._root.wrap, vault_id, vault.vault_key)
-            new_blob = envelope.wrap_vault_key(new_root.wrap, vault_id, vault_key)
-            again = envelope.unwrap_vault_key(new_root.wrap, vault_id, new_blob)
-            ok = hmac.compare_digest(bytes(again), bytes(vault_key))
-            for record in storage.keks():
+            old_vault_key = envelope.unwrap_vault_key(store._root.wrap, vault_id, vault.vault_key)
+            new_blob, new_material = envelope.new_vault_key(new_root.wrap, vault_id)
+            check = envelope.unwrap_vault_key(new_root.wrap, vault_id, new_blob)
+            ok = hmac.compare_digest(bytes(check), bytes(new_material))
+            envelope.wipe(check)
+            new_keys = VaultKeys(new_material, vault_id)
+            made.append(new_keys)
+            # Earlier epochs' vault keys, now wrapped under the new one.
+            past = [(e, envelope.wrap_past_vault_key(
+                new_keys.past, vault_id, e, store._past_material(e, blob)))
+                for e, blob in meta.past_keys]
+            past.append((generation, envelope.wrap_past_vault_key(
+                new_keys.past, vault_id, generation, old_vault_key)))
+            envelope.wipe(old_vault_key)
+            storage.set_past_keys(past)
+            for record in meta.keks:
                 if record.wrapped is None:
                     continue
                 kek = envelope.unwrap_kek(store._root.wrap, vault_id, record.version,
                                           record.wrapped)
                 blob = envelope.wrap_kek(new_root.wrap, vault_id, kek)
-                check = envelope.unwrap_kek(new_root.wrap, vault_id, record.version, blob)
-                ok = ok and hmac.compare_digest(bytes(check._material), bytes(kek._material))
+                again = envelope.unwrap_kek(new_root.wrap, vault_id, record.version, blob)
+                ok = ok and hmac.compare_digest(bytes(again._material), bytes(kek._material))
                 kek.wipe()
-                check.wipe()
+                again.wipe()
                 storage.set_kek_wrapped(record.version, blob)
+            # Verify before commit: the new root key must open every key it now wraps.
             if not ok:
                 raise IntegrityError("the new root key did not unwrap every key; nothing was "
                                      "changed", "rekey-verify")
             storage.set_root(params.to_json(), new_root.verifier(vault_id), new_blob,
                              generation + 1)
+            store._touch_meta()
+            # A new active KEK, under the new root key only: what is written
+            # from now on is out of the old root key's reach.
+            note.key_version = store._rotate_in(storage, store._clock(), "rekey", record=False,
+                                                root=new_root)
             note.reason = f"{old_mode}-to-{target}".replace(" ", "-")
 
+        def finish(storage: SQLiteStorage, note: _Note) -> audit.Event:
+            store._state().meta = None  # the vault record changed; let the commit re-read it
+            return store._append(storage, "key-rekey", None, None, None, note.key_version,
+                                 note.reason, keys=made[-1], epoch=generation + 1)
+
         try:
-            store._run("key-rekey", None, None, body, writes=True)
+            store._run("key-rekey", None, None, body, writes=True, finish=finish)
         except BaseException:
             new_root.close()
+            for keys in made:
+                keys.close()
             new_file.unlink(missing_ok=True)
             (location.home / JOURNAL).unlink(missing_ok=True)
             raise
@@ -341,10 +433,10 @@ class KeyManager:
         fsync_dir(location.home)
         _crash_point("rekey-after-rename")
         (location.home / JOURNAL).unlink(missing_ok=True)
-        store._root.close()
-        store._root = new_root
-        store._kdf = params
-        with store._guard() as storage:
-            store._vault = storage.vault()
+        for keys in made[:-1]:
+            keys.close()
+        store._adopt(new_root, made[-1], params)
+        store._checkpoint("rekey")
         return (f"root key replaced: {_describe(target)} opens this vault now "
-                f"({params.describe()}); the old one no longer does")
+                f"({params.describe()}); the old one no longer does, and cannot read or "
+                "forge what is written from now on")

@@ -55,6 +55,21 @@ PBKDF2_DEFAULT_ITERATIONS = 600_000
 
 _SALT_LEN = 16
 
+#: The stored KDF parameters accepted, the same ranges config accepts: OWASP's
+#: floors below, and above, values that still unlock in bounded time and memory.
+KDF_LIMITS = {
+    "memory_kib": (OWASP_ARGON2_FLOOR["memory_kib"], 4 * 1024 * 1024),
+    "iterations": (OWASP_ARGON2_FLOOR["iterations"], 100),
+    "lanes": (1, 64),
+    "pbkdf2_iterations": (PBKDF2_DEFAULT_ITERATIONS, 100_000_000),
+}
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    return value
+
 
 class KdfParams(NamedTuple):
     """How the root key is obtained: a key file, or a KDF over a passphrase."""
@@ -97,20 +112,44 @@ class KdfParams(NamedTuple):
 
     @classmethod
     def from_json(cls, text: str) -> KdfParams:
-        """Decode the stored form; damaged parameters are an integrity error."""
+        """Decode the stored form; damaged or out-of-range parameters are an integrity error.
+
+        They are read before any key is known, so nothing authenticates them
+        yet: the ranges keep an edited value from hanging every unlock or
+        exhausting memory, and from passing for a wrong passphrase.
+        """
         try:
             doc = json.loads(text)
             algorithm = doc["algorithm"]
             if algorithm == KEYFILE:
                 return cls(KEYFILE)
             if algorithm == ARGON2ID:
-                return cls(ARGON2ID, bytes.fromhex(doc["salt"]), int(doc["memory_kib"]),
-                           int(doc["iterations"]), int(doc["lanes"]))
-            if algorithm == PBKDF2:
-                return cls(PBKDF2, bytes.fromhex(doc["salt"]), iterations=int(doc["iterations"]))
-        except (ValueError, KeyError, TypeError):
+                params = cls(ARGON2ID, bytes.fromhex(doc["salt"]), _whole(doc["memory_kib"]),
+                             _whole(doc["iterations"]), _whole(doc["lanes"]))
+            elif algorithm == PBKDF2:
+                params = cls(PBKDF2, bytes.fromhex(doc["salt"]),
+                             iterations=_whole(doc["iterations"]))
+            else:
+                raise ValueError(algorithm)
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
-        raise IntegrityError("vault record: key derivation parameters are damaged")
+        else:
+            if params.in_range():
+                return params
+        raise IntegrityError("vault record: key derivation parameters are damaged "
+                             "(tampered?); restore the vault from a backup", "kdf-damaged")
+
+    def in_range(self) -> bool:
+        """Whether the parameters lie within what ``init`` and config can produce."""
+        if len(self.salt) != _SALT_LEN:
+            return False
+        if self.algorithm == ARGON2ID:
+            return (KDF_LIMITS["memory_kib"][0] <= self.memory_kib <= KDF_LIMITS["memory_kib"][1]
+                    and KDF_LIMITS["iterations"][0] <= self.iterations
+                    <= KDF_LIMITS["iterations"][1]
+                    and KDF_LIMITS["lanes"][0] <= self.lanes <= KDF_LIMITS["lanes"][1])
+        return (KDF_LIMITS["pbkdf2_iterations"][0] <= self.iterations
+                <= KDF_LIMITS["pbkdf2_iterations"][1])
 
     def describe(self) -> str:
         """A one-line human description, e.g. for ``status``."""
@@ -155,9 +194,19 @@ class RootKey:
 
 
 class VaultKeys:
-    """Keys derived from the vault key: stable across rekeys of the root key."""
+    """Keys derived from one epoch's vault key (a rekey starts a new epoch).
 
-    __slots__ = ("_record_key", "audit_key", "identifier_key")
+    * ``audit_key`` chains the audit trail's HMACs (and so authenticates the
+      state root each event carries);
+    * ``identifier_key`` hashes names when ``hmac_identifiers`` is on (the
+      session uses the oldest epoch's, so hashes stay stable across rekeys);
+    * ``past`` wraps the vault keys of earlier epochs, kept to verify the
+      trail they chained;
+    * the record key MACed head rows in keyring-hardened 0.1; it is used
+      only to check such a vault once, when it is upgraded.
+    """
+
+    __slots__ = ("_past_key", "_record_key", "audit_key", "identifier_key", "past")
 
     def __init__(self, material: bytearray, vault_id: bytes) -> None:
         try:
@@ -165,16 +214,19 @@ class VaultKeys:
             self.audit_key = _aead.hkdf_sha256(material, vault_id, b"keyring-hardened/v1/audit")
             self.identifier_key = _aead.hkdf_sha256(material, vault_id,
                                                     b"keyring-hardened/v1/identifier")
+            self._past_key = _aead.hkdf_sha256(material, vault_id,
+                                               b"keyring-hardened/v2/past-vault-keys")
         finally:
             _aead.wipe(material)
+        self.past = _aead.Aead(self._past_key)
 
     def record_mac(self, data: bytes) -> bytes:
-        """MAC a credential head record."""
+        """The 0.1 MAC of a credential head record (checked once, at upgrade)."""
         return _aead.hmac_sha256(self._record_key, data)
 
     def close(self) -> None:
         """Wipe the derived keys (best effort)."""
-        for buf in (self._record_key, self.audit_key, self.identifier_key):
+        for buf in (self._record_key, self.audit_key, self.identifier_key, self._past_key):
             _aead.wipe(buf)
 
     def __repr__(self) -> str:

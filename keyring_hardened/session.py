@@ -4,12 +4,20 @@
 operation as one write transaction that also appends its audit event
 (:meth:`Session._run`). :class:`~keyring_hardened.store.Store` adds the
 credential operations on top.
+
+Every operation first checks the newest audit event's mac, which covers the
+vault's *state root* (see :mod:`keyring_hardened.state`), and then checks
+each row it reads against that root; a write ends by computing the new root,
+which its own event carries. So the vault either equals a whole state it
+was once in, or an operation that reads a changed row fails with an
+integrity error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import os
 import struct
 import threading
@@ -17,12 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
-from . import audit, envelope
+from . import audit, envelope, state
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
+    ConfigError,
     HardenedError,
     IntegrityError,
     LockedError,
@@ -49,12 +58,22 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
+log = logging.getLogger("keyring_hardened")
+
 Clock = Callable[[], float]
 
 MIN_PASSPHRASE_CHARS = 8
 _VAULT_ID_LEN = 16
 #: Written by ``key rekey`` before it changes anything, removed when it is done.
 REKEY_JOURNAL = "rekey.json"
+#: Failed unlocks folded into the trail at one unlock, at most.
+_PENDING_BATCH = 10_000
+#: The reasons a failed unlock is recorded with; a pending row with any other is forged.
+PENDING_REASONS = frozenset({
+    None, "no-key-file", "key-file-unreadable", "key-file-damaged", "wrong-key",
+    "wrong-passphrase", "no-passphrase", "vault-key-damaged",
+})
+_PENDING_OUTCOMES = ("locked", "integrity")
 T = TypeVar("T")
 
 
@@ -84,6 +103,47 @@ class _Note:
         self.reason: str | None = None
 
 
+class Meta(NamedTuple):
+    """The vault-wide rows, verified against the state root."""
+
+    vault: VaultRecord
+    keks: list[KekRecord]
+    past_keys: list[tuple[int, bytes]]
+    anchor: tuple[int, bytes]
+
+    @property
+    def active(self) -> KekRecord:
+        """The KEK version new writes use (verified to be the newest)."""
+        return self.keks[-1]
+
+
+class _Tx:
+    """What one operation has verified, and changed, of the authenticated state."""
+
+    __slots__ = ("begin", "buckets", "last", "meta", "meta_dirty", "nodes", "root", "touched")
+
+    def __init__(self, root: bytes, last: tuple[int, bytes]) -> None:
+        #: The root the newest event carries; everything read is checked against it.
+        self.root = root
+        #: (seq, mac) of the newest event, to chain the next one onto.
+        self.last = last
+        self.begin = (root, last)
+        self.nodes: dict[state.NodeKey, bytes] = {}
+        self.buckets: dict[int, list[HeadRow]] = {}
+        self.meta: Meta | None = None
+        self.touched: set[int] = set()
+        self.meta_dirty = False
+
+    def forget(self) -> None:
+        """Back to the start: a rolled-back savepoint undid rows and events alike."""
+        self.root, self.last = self.begin
+        self.nodes.clear()
+        self.buckets.clear()
+        self.meta = None
+        self.touched.clear()
+        self.meta_dirty = False
+
+
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -91,6 +151,12 @@ def _utc(ts: float) -> str:
 def _label(service: str, username: str) -> str:
     # repr() keeps the message on one line whatever the names hold.
     return f"service {service!r}, user {username!r}"
+
+
+def _tampered(what: str, reason: str) -> IntegrityError:
+    return IntegrityError(f"{what} does not match the vault's authenticated state (tampered, "
+                          "or written back from an older copy); restore the vault from a "
+                          "backup", reason)
 
 
 def _source(cfg: Config, passphrase: str | None,
@@ -119,7 +185,8 @@ def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
 
     Between a rekey's commit and the rename of its new key file into place,
     the vault already expects the new key: accept it from ``<key file>.new``,
-    which only a rekey writes.
+    which only a rekey writes. Either file is used only if it matches the
+    vault's verifier, so a planted ``.new`` file opens nothing.
     """
     failure: LockedError | None = None
     for path in (location.key_file, location.pending_key_file):
@@ -132,8 +199,10 @@ def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
             return root
         root.close()
         failure = failure or LockedError(
-            f"wrong key file: {location.key_file} does not open this vault", "wrong-key")
-    assert failure is not None  # noqa: S101 - the loop ran and nothing matched
+            f"wrong key file: {location.key_file} does not open this vault (or the vault "
+            "record was written back from before a rekey)", "wrong-key")
+    if failure is None:  # pragma: no cover - the loop always sets it before falling out
+        raise LockedError("no key file opens this vault", "wrong-key")
     raise failure
 
 
@@ -142,6 +211,38 @@ def _make_home(home: Path) -> None:
     if not home.exists():
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(home, 0o700)
+
+
+def _head_leaf(h: HeadRow) -> bytes:
+    # The mac column (0.1's per-row MAC, empty since) is covered too: no
+    # column of a head is left unauthenticated.
+    return state.head_leaf(h.id, h.service, h.username, h.current_version, h.last_version,
+                           h.created_at, h.updated_at, h.expires_at, h.versions_digest, h.mac)
+
+
+def _version_digest(row: VersionRow) -> bytes:
+    return state.version_digest(row.version, row.kek_version, row.wrapped_key, row.ciphertext,
+                                row.created_at, row.ttl, row.expires_at)
+
+
+def _meta_digest(meta: Meta) -> bytes:
+    v = meta.vault
+    return state.meta_digest(
+        state.vault_leaf(v.vault_id, v.created_at, v.kdf, v.verifier, v.vault_key,
+                         v.generation, v.state_version),
+        [state.kek_leaf(*k) for k in meta.keks], meta.past_keys, *meta.anchor)
+
+
+def _check_keks(keks: list[KekRecord]) -> None:
+    """Key states only move forward: versions 1..n, the newest active, retired ones empty."""
+    ok = bool(keks) and all(k.version == i for i, k in enumerate(keks, start=1))
+    for k in keks:
+        active = k.state == "active"
+        ok = ok and (active == (k is keks[-1])) and k.wrap_count >= 0 and (
+            (k.wrapped is None) == (k.state == "retired"))
+    if not ok:
+        raise IntegrityError("the vault's key records are inconsistent (tampered?); restore "
+                             "the vault from a backup", "kek-states")
 
 
 class Session:
@@ -159,18 +260,22 @@ class Session:
         self.actor = actor
         self._storage = storage
         self._vault = vault
+        self._epoch = vault.generation
         self._kdf = KdfParams.from_json(vault.kdf)
         self._root = root
         self._vkeys = vkeys
+        self._ident_key: bytearray | None = None
         self._keks: dict[int, Kek] = {}
         self._clock = clock
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._closed = False
         self._sinks = _sinks(config.audit_sinks)
+        self._tx: _Tx | None = None
         #: Events chained inside an operation (automatic rotation) to mirror after commit.
         self._pending_emit: list[audit.Event] = []
-        #: Things a person should hear about this open (an interrupted rekey resolved).
+        #: Things a person should hear about (an interrupted rekey resolved, a
+        #: deletion that could not yet reach the disk). The CLI prints them.
         self.notices: list[str] = []
 
     @property
@@ -193,8 +298,13 @@ class Session:
         return "passphrase" if self._kdf.uses_passphrase else "key file"
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"{type(self).__name__}(home={str(self.location.home)!r}, {state})"
+        state_ = "closed" if self._closed else "open"
+        return f"{type(self).__name__}(home={str(self.location.home)!r}, {state_})"
+
+    def notice(self, message: str) -> None:
+        """Tell the person running this (CLI: stderr; library: the logger)."""
+        self.notices.append(message)
+        log.warning("%s", message)
 
     # -- opening ----------------------------------------------------------
 
@@ -202,7 +312,7 @@ class Session:
     def open(cls, home: str | os.PathLike[str] | None = None, *,
              passphrase: str | None = None, prompt: PassphraseProvider | None = None,
              config: Config | None = None, clock: Clock = time.time, actor: str | None = None,
-             create: bool = False) -> Self:
+             create: bool = False, upgrade: bool = False) -> Self:
         """Open and unlock the vault at ``home`` (or the configured default).
 
         A passphrase vault takes ``passphrase`` if given, else
@@ -210,6 +320,8 @@ class Session:
         ``prompt()``; with none of them it raises :class:`LockedError`.
         With ``create=True`` a missing vault is created in key-file mode, as
         ``init`` would; otherwise a missing vault raises :class:`NotFoundError`.
+        A vault made by keyring-hardened 0.1 opens only with ``upgrade=True``
+        (see :meth:`upgrade`).
         """
         location = Location.resolve(home)
         cfg = config if config is not None else load_config(location.config_file,
@@ -232,6 +344,12 @@ class Session:
 
                 notice = recover_interrupted_rekey(location, storage)
             vault = storage.vault()
+            if vault.state_version == 0 and not upgrade:
+                raise ConfigError(f"the vault at {location.home} was made by keyring-hardened 0.1 "
+                                 "and its state is not authenticated yet; run: keyring-hardened "
+                                 "upgrade (once)", "needs-upgrade")
+            if vault.state_version not in (0, 1):
+                raise _tampered("the vault record", "vault-record")
             try:
                 root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
             except LockedError as exc:
@@ -248,7 +366,7 @@ class Session:
     @classmethod
     def _ready(cls, location: Location, cfg: Config, storage: SQLiteStorage,
                vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> Self:
-        """Finish unlocking: unwrap the KEKs and chain any failed unlocks seen meanwhile."""
+        """Finish unlocking: check the state, unwrap the KEKs, chain failed unlocks."""
         try:
             material = envelope.unwrap_vault_key(root.wrap, vault.vault_id, vault.vault_key)
         except DecryptFailed:
@@ -259,10 +377,25 @@ class Session:
             raise exc from None
         store = cls(location, cfg, storage, vault, root, VaultKeys(material, vault.vault_id),
                     clock, actor)
+        if vault.state_version == 0:
+            return store  # only :meth:`upgrade` may run on it
         try:
-            store._load_keks(fresh=True)
+            with storage.snapshot():
+                tx = store._begin(storage)
+                meta = store._meta(storage, tx)
+                if meta.vault != vault:
+                    # A rekey committed between our two reads: the key we hold is old.
+                    raise LockedError("the vault was rekeyed while opening it; try again",
+                                      "root-replaced")
+                store._unwrap_keks(meta.keks)
+                if cfg.audit_hmac_identifiers:
+                    store._ident_key = store._identifier_key(meta)
         except IntegrityError as exc:
-            store._record_failure("unlock", exc)
+            with contextlib.suppress(HardenedError):
+                store._record_failure("unlock", exc)
+            store.close()
+            raise
+        except BaseException:
             store.close()
             raise
         if storage.has_pending():
@@ -307,9 +440,11 @@ class Session:
     @classmethod
     def _create(cls, location: Location, cfg: Config, params: KdfParams, passphrase: str | None,
                 clock: Clock, actor: str) -> Self | None:
+        """Build a complete vault, its first KEK, its state root and its ``init`` event."""
         _make_home(location.home)
         if params.uses_passphrase:
-            assert passphrase is not None  # noqa: S101 - init checked it
+            if passphrase is None:  # pragma: no cover - init checked it
+                raise UsageError("a passphrase is needed")
             material = derive_from_passphrase(params, passphrase)
         else:
             create_key_file(location.key_file)
@@ -319,28 +454,40 @@ class Session:
         now = clock()
         kek = envelope.new_kek(1)
         try:
+            wrapped_vault_key, vault_material = envelope.new_vault_key(root.wrap, vault_id)
+            vkeys = VaultKeys(vault_material, vault_id)
             record = VaultRecord(vault_id, now, params.to_json(), root.verifier(vault_id),
-                                 envelope.new_vault_key(root.wrap, vault_id), 1)
-            wrapped = envelope.wrap_kek(root.wrap, vault_id, kek)
-            if not SQLiteStorage.create(location.database, record,
-                                        KekRecord(1, "active", now, wrapped, 0)):
+                                 wrapped_vault_key, 1, 1)
+            kek_record = KekRecord(1, "active", now,
+                                   envelope.wrap_kek(root.wrap, vault_id, kek), 0)
+            meta = _meta_digest(Meta(record, [kek_record], [], (0, audit.GENESIS)))
+            event = audit.Event(1, int(now * 1_000_000), actor, "init", None, None, "ok", 1,
+                                params.algorithm, b"", 1, state.root_of(meta, state.EMPTY_NODE))
+            event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
+            vkeys.close()
+            if not SQLiteStorage.create(location.database, record, kek_record, event,
+                                        {state.META_KEY: meta}):
                 root.close()
                 return None
         finally:
             kek.wipe()
         storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
-        store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
-
-        def created(storage: SQLiteStorage, note: _Note) -> None:
-            note.key_version = 1
-            note.reason = params.algorithm
-
-        store._run("init", None, None, created)
+        try:
+            store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
+        except BaseException:
+            storage.close()
+            raise
+        store._sinks.emit(event)
         return store
 
     @staticmethod
     def _unlock(location: Location, vault: VaultRecord,
                 passphrase: PassphraseProvider) -> RootKey:
+        """The root key: from the key file, or the KDF over the passphrase, checked by verifier.
+
+        The stored KDF parameters are range-checked before the KDF runs, so an
+        edited value is an integrity error, never a hang or a wrong-passphrase.
+        """
         params = KdfParams.from_json(vault.kdf)
         if not params.uses_passphrase:
             return _key_file_root(location, vault)
@@ -352,14 +499,16 @@ class Session:
             raise LockedError("wrong passphrase", "wrong-passphrase")
         return root
 
-    def _load_keks(self, fresh: bool = False) -> None:
-        # ``fresh``: this open read the vault record an instant ago; reading it
-        # again would not close the window for a concurrent rekey, only cost
-        # a query on every cold start.
-        if not fresh:
-            self._check_generation(self._storage)
-        for record in self._storage.keks():
-            if record.version in self._keks or record.state == "retired" or record.wrapped is None:
+    def _unwrap_keks(self, keks: list[KekRecord]) -> None:
+        """Unwrap every KEK version not yet held (retired ones have no material).
+
+        ``keks`` must come from :meth:`_meta`, checked against the state root,
+        so a KEK blob written back under another version or state is refused
+        before it is used; and a KEK wrapped under any root key but ours fails
+        to unwrap (a rekey's old root key, say) and is reported as damage.
+        """
+        for record in keks:
+            if record.version in self._keks or record.wrapped is None:
                 continue
             try:
                 self._keks[record.version] = envelope.unwrap_kek(
@@ -368,6 +517,228 @@ class Session:
                 raise IntegrityError(f"key version {record.version} failed its integrity "
                                      "check; restore the vault from a backup",
                                      "kek-damaged") from None
+
+    def _identifier_key(self, meta: Meta) -> bytearray:
+        """The key that hashes names: the oldest epoch's, so hashes survive rekeys."""
+        if not meta.past_keys:
+            return bytearray(self._vkeys.identifier_key)
+        epoch, blob = meta.past_keys[0]
+        material = self._past_material(epoch, blob)
+        oldest = VaultKeys(material, self._vault.vault_id)
+        try:
+            return bytearray(oldest.identifier_key)
+        finally:
+            oldest.close()
+
+    def _past_material(self, epoch: int, blob: bytes) -> bytearray:
+        try:
+            return envelope.unwrap_past_vault_key(self._vkeys.past, self._vault.vault_id,
+                                                  epoch, blob)
+        except DecryptFailed:
+            raise IntegrityError(f"the vault key of epoch {epoch} failed its integrity check",
+                                 "past-key-damaged") from None
+
+    def _audit_keys(self, meta: Meta) -> dict[int, bytearray]:
+        """The audit key of every epoch this vault has had (to verify the whole trail)."""
+        keys = {self._epoch: bytearray(self._vkeys.audit_key)}
+        for epoch, blob in meta.past_keys:
+            vk = VaultKeys(self._past_material(epoch, blob), self._vault.vault_id)
+            keys[epoch] = bytearray(vk.audit_key)
+            vk.close()
+        return keys
+
+    # -- the authenticated state ------------------------------------------
+
+    def _begin(self, storage: SQLiteStorage) -> _Tx:
+        """Check the newest event, whose mac covers the state root; start a state check.
+
+        The newest event cannot be forged without the audit key, so its root
+        pins every row. Its predecessor's mac is all its check needs.
+        """
+        newest = storage.newest_events(2)
+        if not newest:
+            raise IntegrityError("the audit trail is empty although the vault exists "
+                                 "(truncated?); restore the vault from a backup",
+                                 "audit-empty")
+        head = newest[0]
+        if head.root is None or head.epoch is None:
+            raise IntegrityError(f"audit event {head.seq} carries no state root (tampered?)",
+                                 "audit-head")
+        if head.epoch != self._epoch:
+            if head.epoch > self._epoch:
+                raise LockedError("the vault was rekeyed after this process unlocked it; "
+                                  "open it again", "root-replaced")
+            raise IntegrityError(f"audit event {head.seq} belongs to an earlier key epoch: the "
+                                 "trail was cut back to before a rekey", "audit-head")
+        if len(newest) == 2 and newest[1].seq == head.seq - 1:
+            prev = newest[1].mac
+        else:
+            anchor_seq, anchor_mac = storage.audit_anchor()
+            if anchor_seq != head.seq - 1:
+                raise IntegrityError(f"audit event {head.seq - 1} is missing", "audit-head")
+            prev = anchor_mac
+        expected = audit.chain_mac(self._vkeys.audit_key, prev, head)
+        # Constant time, as for every MAC check: no timing oracle on how much matched.
+        if not hmac.compare_digest(expected, head.mac):
+            raise IntegrityError(f"audit event {head.seq} does not match its mac (tampered?)",
+                                 "audit-head")
+        return _Tx(head.root, (head.seq, head.mac))
+
+    def _path_nodes(self, storage: SQLiteStorage, tx: _Tx, buckets: list[int]) -> None:
+        wanted = {key for b in buckets for key, _ in state.path_keys(b)} | {state.META_KEY,
+                                                                            (0, 0)}
+        missing = wanted - tx.nodes.keys()
+        if missing:
+            found = storage.nodes(missing)
+            for key in missing:
+                tx.nodes[key] = found.get(key, state.EMPTY_NODE if key[0] != 255
+                                          else state.EMPTY)
+
+    def _bucket(self, storage: SQLiteStorage, tx: _Tx, bucket: int) -> list[HeadRow]:
+        """The heads of one bucket, checked against the state root."""
+        found = tx.buckets.get(bucket)
+        if found is not None:
+            return found
+        heads = storage.heads_in_bucket(bucket)
+        for h in heads:
+            if state.bucket_of(h.service) != bucket:
+                raise _tampered(f"the credential record of {_label(h.service, h.username)}",
+                                "state-bucket")
+        self._path_nodes(storage, tx, [bucket])
+        digest = state.bucket_digest([_head_leaf(h) for h in heads])
+        if not state.verify_path(bucket, digest, tx.nodes, tx.nodes[state.META_KEY], tx.root):
+            raise _tampered("a credential record", "state-bucket")
+        tx.buckets[bucket] = heads
+        return heads
+
+    def _find(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow | None:
+        """A credential's head, deleted or not, checked against the state root."""
+        for h in self._bucket(storage, self._state(), state.bucket_of(service)):
+            if h.service == service and h.username == username:
+                return h
+        return None
+
+    def _versions(self, storage: SQLiteStorage, head: HeadRow) -> list[VersionRow]:
+        """A credential's kept versions, their list checked against the head's version digest.
+
+        The list (which versions exist, and each one's digest) is checked
+        here; each row's columns are checked against its digest by
+        :meth:`_checked`, only for the rows actually used, so one damaged
+        version leaves its siblings readable.
+        """
+        rows = storage.versions(head.id)
+        expected = head.versions_digest if head.versions_digest is not None \
+            else state.versions_digest([])
+        if state.versions_digest([(r.version, r.digest or b"") for r in rows]) != expected:
+            raise _tampered(f"the versions of {_label(head.service, head.username)}",
+                            "state-versions")
+        return rows
+
+    def _checked(self, head: HeadRow, row: VersionRow) -> VersionRow:
+        """A version row whose columns (TTL, expiry, KEK version, ciphertext) match its digest."""
+        if row.digest is None or not hmac.compare_digest(_version_digest(row), row.digest):
+            raise _tampered(f"version {row.version} of {_label(head.service, head.username)}",
+                            "state-version")
+        return row
+
+    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None) -> Meta:
+        """The vault record, KEKs, past vault keys and audit anchor, checked against the root."""
+        tx = tx or self._state()
+        if tx.meta is not None:
+            return tx.meta
+        meta = Meta(storage.vault(), storage.keks(), storage.past_keys(), storage.audit_anchor())
+        self._path_nodes(storage, tx, [])
+        digest = _meta_digest(meta)
+        if digest != tx.nodes[state.META_KEY] or state.root_of(digest, tx.nodes[(0, 0)]) \
+                != tx.root:
+            raise _tampered("the vault record or its key records", "state-meta")
+        _check_keks(meta.keks)
+        if meta.vault.vault_id != self._vault.vault_id or meta.vault.generation != self._epoch:
+            raise _tampered("the vault record", "state-meta")
+        tx.meta = meta
+        return meta
+
+    def _state(self) -> _Tx:
+        if self._tx is None:  # pragma: no cover - only reachable through a bug
+            raise RuntimeError("state checks need an operation in progress")
+        return self._tx
+
+    def _touch(self, service: str) -> None:
+        """Mark a credential's bucket as changed; it must have been read (checked) first."""
+        tx = self._state()
+        bucket = state.bucket_of(service)
+        if bucket not in tx.buckets:  # pragma: no cover - only reachable through a bug
+            raise RuntimeError("a bucket was changed before it was checked")
+        tx.touched.add(bucket)
+
+    def _touch_meta(self) -> None:
+        """Mark the vault-wide rows as changed; they must have been read (checked) first."""
+        tx = self._state()
+        if tx.meta is None:  # pragma: no cover - only reachable through a bug
+            raise RuntimeError("the vault-wide rows were changed before they were checked")
+        tx.meta_dirty = True
+
+    def _commit_state(self, storage: SQLiteStorage) -> bytes:
+        """Recompute the root after this operation's changes, and store the changed nodes."""
+        tx = self._state()
+        if not tx.touched and not tx.meta_dirty:
+            return tx.root
+        digests = {}
+        for bucket in tx.touched:
+            heads = storage.heads_in_bucket(bucket)
+            digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
+            tx.buckets[bucket] = heads
+        changed: dict[state.NodeKey, bytes] = dict(state.update_paths(digests, tx.nodes))
+        meta_digest = tx.nodes[state.META_KEY]
+        if tx.meta_dirty:
+            meta = Meta(storage.vault(), storage.keks(), storage.past_keys(),
+                        storage.audit_anchor())
+            meta_digest = _meta_digest(meta)
+            changed[state.META_KEY] = meta_digest
+            tx.meta = meta
+        storage.put_nodes(changed)
+        tx.nodes.update(changed)
+        tx.touched.clear()
+        tx.meta_dirty = False
+        tx.root = state.root_of(meta_digest, tx.nodes[(0, 0)])
+        return tx.root
+
+    def _full_check(self, storage: SQLiteStorage, versions: bool = True) -> int:
+        """Check every row of the vault against the root; returns the credential count.
+
+        Used by ``audit verify`` (and, without the version rows, by ``list``):
+        it reads everything, so it costs time in proportion to the vault's size.
+        """
+        tx = self._state()
+        meta = self._meta(storage, tx)
+        buckets: dict[int, list[bytes]] = {}
+        heads: dict[int, HeadRow] = {}
+        for stored_bucket, h in storage.all_heads():
+            bucket = state.bucket_of(h.service)
+            if stored_bucket != bucket:
+                raise _tampered(f"the credential record of {_label(h.service, h.username)}",
+                                "state-bucket")
+            buckets.setdefault(bucket, []).append(_head_leaf(h))
+            heads[h.id] = h
+        pairs: dict[int, list[tuple[int, bytes]]] = {}
+        for head_id, row in storage.all_versions() if versions else ():
+            if head_id not in heads or row.digest is None or not hmac.compare_digest(
+                    _version_digest(row), row.digest):
+                raise _tampered(f"a stored version (credential {head_id}, version "
+                                f"{row.version})", "state-version")
+            pairs.setdefault(head_id, []).append((row.version, row.digest))
+        for head_id, h in heads.items() if versions else ():
+            expected = h.versions_digest if h.versions_digest is not None \
+                else state.versions_digest([])
+            if state.versions_digest(pairs.get(head_id, [])) != expected:
+                raise _tampered(f"the versions of {_label(h.service, h.username)}",
+                                "state-versions")
+        digests = {b: state.bucket_digest(leaves) for b, leaves in buckets.items()}
+        if state.full_root(_meta_digest(meta), digests) != tx.root:
+            raise _tampered("a credential record", "state-root")
+        for bucket in digests:
+            tx.buckets.pop(bucket, None)
+        return len(heads)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -389,28 +760,89 @@ class Session:
         """A name as the audit trail stores it: itself, or its keyed hash."""
         if name is None or not self.config.audit_hmac_identifiers:
             return name
-        return audit.hash_identifier(self._vkeys.identifier_key, name)
+        key = self._ident_key if self._ident_key is not None else self._vkeys.identifier_key
+        return audit.hash_identifier(key, name)
 
     def _append(self, storage: SQLiteStorage, op: str, service: str | None,
                 username: str | None, failure: HardenedError | None,
-                key_version: int | None, reason: str | None = None) -> audit.Event:
-        """Chain one event onto the trail, inside the caller's write transaction."""
-        seq, prev = storage.audit_head()
+                key_version: int | None, reason: str | None = None, *,
+                keys: VaultKeys | None = None, epoch: int | None = None) -> audit.Event:
+        """Chain one event onto the trail, with the current state root, in the caller's txn.
+
+        ``keys`` and ``epoch`` are given only by a rekey, whose event is the
+        first of the new epoch: chained onto the old trail, MACed under the
+        new audit key, so the old root key cannot append after it.
+        """
+        tx = self._state()
+        root = tx.root if failure is not None else self._commit_state(storage)
+        seq, prev = tx.last
         event = audit.Event(seq + 1, int(self._clock() * 1_000_000), self.actor, op,
                             self._ident(service), self._ident(username),
                             failure.kind if failure else "ok", key_version,
-                            (failure.reason if failure else None) or reason)
-        event = event._replace(mac=audit.chain_mac(self._vkeys.audit_key, prev, event))
+                            (failure.reason if failure else None) or reason, b"",
+                            epoch if epoch is not None else self._epoch, root)
+        event = event._replace(mac=audit.chain_mac((keys or self._vkeys).audit_key, prev, event))
         storage.append_event(event)
+        tx.last = (event.seq, event.mac)
         return event
 
     def _run(self, op: str, service: str | None, username: str | None,
-             body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False) -> T:
+             body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
+             finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
+        """Run an operation (see :meth:`_run_once`), retrying once after a rekey elsewhere.
+
+        After another process's rekey, key-file mode unlocks again with the
+        new key file (see :meth:`_reunlock`); passphrase mode fails (exit 6).
+        """
+        try:
+            return self._run_once(op, service, username, body, writes=writes, finish=finish)
+        except LockedError as exc:
+            if exc.reason != "root-replaced" or not self._reunlock():
+                raise
+        return self._run_once(op, service, username, body, writes=writes, finish=finish)
+
+    def _reunlock(self) -> bool:
+        """Take the new keys after another process's rekey; False in passphrase mode.
+
+        A rekey revokes the old root key for everyone, this process included:
+        in key-file mode the new key file is read again, and checked like at
+        any unlock; a passphrase cannot be asked again here.
+        """
+        if self._kdf.uses_passphrase:
+            return False
+        with self._guard() as storage:
+            vault = storage.vault()
+            root = _key_file_root(self.location, vault)
+            try:
+                material = envelope.unwrap_vault_key(root.wrap, vault.vault_id, vault.vault_key)
+            except DecryptFailed:
+                root.close()
+                raise IntegrityError("the vault key failed its integrity check; restore the "
+                                     "vault from a backup", "vault-key-damaged") from None
+            self._root.close()
+            self._vkeys.close()
+            self._root, self._vkeys = root, VaultKeys(material, vault.vault_id)
+            self._vault, self._epoch = vault, vault.generation
+            self._kdf = KdfParams.from_json(vault.kdf)
+            with storage.snapshot():
+                self._tx = self._begin(storage)
+                try:
+                    self._unwrap_keks(self._meta(storage).keks)
+                finally:
+                    self._tx = None
+        return True
+
+    def _run_once(self, op: str, service: str | None, username: str | None,
+                  body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
+                  finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
         """Run ``body`` and append its audit event in one write transaction.
 
-        A failure of the body is audited too (its changes undone first, the
-        event kept) and then raised. If the event cannot be written, nothing
-        the body did is kept and nothing is returned: fail closed.
+        The newest event is checked first, and everything the body reads is
+        checked against the state root it carries. A failure of the body is
+        audited too (its changes undone first, the event kept) and then
+        raised. If the event cannot be written, nothing the body did is kept
+        and nothing is returned: fail closed. ``finish`` replaces the usual
+        event (a rekey chains its own).
         """
         note = _Note()
         failure: HardenedError | None = None
@@ -419,6 +851,7 @@ class Session:
             known = set(self._keks)
             try:
                 with storage.transaction():
+                    tx = self._tx = self._begin(storage)
                     if writes:
                         storage.savepoint()
                     try:
@@ -426,14 +859,18 @@ class Session:
                     except HardenedError as exc:
                         if writes:
                             storage.rollback_savepoint()
+                        tx.forget()
                         self._forget_keks_except(known)
                         failure = exc
                     else:
                         if writes:
                             storage.release_savepoint()
                     try:
-                        event = self._append(storage, op, service, username, failure,
-                                             note.key_version, note.reason)
+                        if finish is not None and failure is None:
+                            event = finish(storage, note)
+                        else:
+                            event = self._append(storage, op, service, username, failure,
+                                                 note.key_version, note.reason)
                     except HardenedError as exc:
                         raise StorageError(f"the audit trail could not be written ({exc}); "
                                            f"the {op} was not performed",
@@ -444,6 +881,8 @@ class Session:
                         and exc.reason != "audit-write":
                     raise failure from None  # the transaction itself failed: report the cause
                 raise
+            finally:
+                self._tx = None
         for extra in self._pending_emit:
             self._sinks.emit(extra)
         self._pending_emit.clear()
@@ -465,49 +904,84 @@ class Session:
     def _record_failure(self, op: str, exc: HardenedError) -> None:
         """Audit a failure that happened outside :meth:`_run` (unlock)."""
         with self._guard() as storage, storage.transaction():
-            event = self._append(storage, op, None, None, exc, None)
+            self._tx = self._begin(storage)
+            try:
+                event = self._append(storage, op, None, None, exc, None)
+            finally:
+                self._tx = None
         self._sinks.emit(event)
 
     def _fold_pending(self) -> None:
-        """Chain the failed unlocks recorded while nobody held the key."""
+        """Chain the failed unlocks recorded while nobody held the key.
+
+        Nothing authenticates a pending row, so each is parsed strictly: only
+        a failed unlock with a known outcome and reason is chained, with its
+        time clamped to no earlier than the newest event (a backdated row
+        could otherwise reach ``audit prune``). Any other row is forged: the
+        forgery is chained as an integrity event, and this open fails.
+        """
+        forged = 0
+        emitted = []
         with self._guard() as storage, storage.transaction():
-            emitted = []
-            for ts_us, actor, op, outcome, reason in storage.take_pending():
-                seq, prev = storage.audit_head()
-                event = audit.Event(seq + 1, ts_us, actor, op, None, None, outcome, None,
-                                    f"{reason or outcome}; recorded before unlock")
-                event = event._replace(mac=audit.chain_mac(self._vkeys.audit_key, prev, event))
-                storage.append_event(event)
-                emitted.append(event)
+            tx = self._tx = self._begin(storage)
+            try:
+                head = storage.event(tx.last[0])
+                floor = head.ts_us if head is not None else 0
+                ceiling = int(self._clock() * 1_000_000)
+                for ts_us, actor, op, outcome, reason in storage.take_pending(_PENDING_BATCH):
+                    if not (isinstance(ts_us, int) and not isinstance(ts_us, bool)
+                            and isinstance(actor, str) and op == "unlock"
+                            and outcome in _PENDING_OUTCOMES and reason in PENDING_REASONS
+                            and _valid_actor(actor)):
+                        forged += 1
+                        continue
+                    seq, prev = tx.last
+                    event = audit.Event(seq + 1, min(max(ts_us, floor), max(ceiling, floor)),
+                                        actor, "unlock", None, None, outcome, None,
+                                        f"{reason or outcome}; recorded before unlock", b"",
+                                        self._epoch, tx.root)
+                    event = event._replace(mac=audit.chain_mac(self._vkeys.audit_key, prev,
+                                                               event))
+                    storage.append_event(event)
+                    tx.last = (event.seq, event.mac)
+                    emitted.append(event)
+                    floor = event.ts_us
+                if forged:
+                    emitted.append(self._append(
+                        storage, "unlock", None, None,
+                        IntegrityError("forged", f"forged-pending-{forged}"), None))
+            finally:
+                self._tx = None
         for event in emitted:
             self._sinks.emit(event)
+        if forged:
+            self.close()
+            raise IntegrityError(f"the vault's table of failed unlocks held {forged} rows that "
+                                 "are not failed unlocks (tampered?); they were removed and the "
+                                 "finding recorded in the audit trail", "forged-pending")
 
     def _head_mac(self, service: str, username: str, current: int | None, last: int,
                   expires_at: float | None = None) -> bytes:
+        """The 0.1 head MAC, checked once when such a vault is upgraded."""
         data = b"".join(struct.pack(">I", len(p)) + p for p in (
             self._vault.vault_id, service.encode(), username.encode()))
         data += struct.pack(">QQ", current or 0, last)
         if expires_at is not None:
-            # Covered by the MAC, so nobody can extend a credential's life by editing it.
             data += b"\x01" + struct.pack(">d", expires_at)
         return self._vkeys.record_mac(data)
 
-    def _verify_head(self, head: HeadRow) -> None:
-        expected = self._head_mac(head.service, head.username, head.current_version,
-                                  head.last_version, head.expires_at)
-        if not hmac.compare_digest(expected, head.mac):
-            raise IntegrityError(f"{_label(head.service, head.username)}: "
-                                 "integrity check failed", "head-mac")
-
     def _kek(self, version: int) -> Kek:
+        """An unwrapped KEK version; loads (and checks) KEKs another process added."""
         if version not in self._keks:
-            self._load_keks()  # another process may have rotated since we unlocked
+            with self._guard() as storage:
+                self._unwrap_keks(self._meta(storage).keks)
         kek = self._keks.get(version)
         if kek is None:
             raise IntegrityError(f"key version {version} is not available", "kek-unavailable")
         return kek
 
     def _decrypt(self, head: HeadRow, row: VersionRow) -> str:
+        """Decrypt a version whose rows were checked; one opaque error for any failure."""
         place = Place(self._vault.vault_id, head.service, head.username, row.version)
         try:
             kek = self._kek(row.kek_version)
@@ -532,29 +1006,22 @@ class Session:
             return "age"
         return None
 
-    def _check_generation(self, storage: SQLiteStorage) -> None:
-        """Refuse to wrap or unwrap KEKs with a root key that a rekey has replaced."""
-        if storage.vault().generation != self._vault.generation:
-            raise LockedError("the root key was replaced (key rekey) after this process "
-                              "unlocked the vault; open it again", "root-replaced")
-
     def _rotate_in(self, storage: SQLiteStorage, now: float, reason: str,
-                   record: bool = True) -> int:
+                   record: bool = True, root: RootKey | None = None) -> int:
         """Add a KEK version and make it active, inside the caller's transaction.
 
         With ``record``, audited as its own ``key-rotate`` event, before the
-        event of the operation that caused it.
+        event of the operation that caused it. ``root`` wraps the new KEK
+        (a rekey passes its new root key).
         """
-        # A new KEK is wrapped under our root key: it must still be the vault's.
-        self._check_generation(storage)
-        active = storage.active_kek()
-        version = storage.newest_kek_version() + 1
+        meta = self._meta(storage)
+        active = meta.active
+        version = active.version + 1
         kek = envelope.new_kek(version)
-        storage.add_kek(KekRecord(version, "active", now,
-                                  envelope.wrap_kek(self._root.wrap, self._vault.vault_id, kek),
-                                  0))
-        if active is not None:
-            storage.set_kek_state(active.version, "decrypt-only")
+        storage.add_kek(KekRecord(version, "active", now, envelope.wrap_kek(
+            (root or self._root).wrap, self._vault.vault_id, kek), 0))
+        storage.set_kek_state(active.version, "decrypt-only")
+        self._touch_meta()
         self._keks[version] = kek
         if record:
             event = self._append(storage, "key-rotate", None, None, None, version, reason)
@@ -563,32 +1030,158 @@ class Session:
 
     def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
                        now: float, note: _Note, ttl: float | None = None) -> int:
-        active = storage.active_kek()
-        if active is None:
-            raise IntegrityError("the vault has no active key version", "no-active-kek")
+        """Seal ``data`` as the next version of a checked head, under the active KEK.
+
+        Rotates first when the active KEK is due; keeps ``max_versions``;
+        moves the head and its version digest. The caller checked ``head``.
+        """
+        self._versions_checked(storage, head)
+        meta = self._meta(storage)
+        active = meta.active
         due = self._rotation_due(active, now)
         kek = self._kek(self._rotate_in(storage, now, f"auto-{due}") if due else active.version)
         version = head.last_version + 1
         place = Place(self._vault.vault_id, head.service, head.username, version)
+        # Fresh random nonces and a fresh data key on every seal (see envelope).
         sealed = envelope.seal_secret(kek, place, data)
         expires = now + ttl if ttl is not None else None
-        storage.add_version(head.id, VersionRow(version, kek.version, sealed.wrapped_key,
-                                                sealed.ciphertext, now, ttl, expires))
-        storage.update_head(head.id, version, version, now,
-                            self._head_mac(head.service, head.username, version, version,
-                                           expires), expires)
+        row = VersionRow(version, kek.version, sealed.wrapped_key, sealed.ciphertext, now, ttl,
+                         expires)
+        storage.add_version(head.id, row._replace(digest=_version_digest(row)))
         storage.count_wrap(kek.version)
+        self._touch_meta()
         if version > self.config.max_versions:
             storage.prune(head.id, self.config.max_versions)
+        self._move_head(storage, head, version, version, now, expires)
         note.key_version = kek.version
         return version
 
+    def _versions_checked(self, storage: SQLiteStorage, head: HeadRow) -> None:
+        """Check a head's version list before a change builds on it."""
+        if head.versions_digest is not None or head.last_version:
+            self._versions(storage, head)
+
+    def _move_head(self, storage: SQLiteStorage, head: HeadRow, current: int | None,
+                   last: int, now: float, expires: float | None) -> None:
+        """Update a checked head, recomputing its version digest from the kept versions."""
+        pairs = [(r.version, r.digest or b"") for r in storage.versions(head.id)]
+        storage.update_head(head.id, current, last, now, expires,
+                            state.versions_digest(pairs))
+        self._touch(head.service)
+
     def _existing(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow:
-        head = storage.head(service, username)
+        head = self._find(storage, service, username)
         if head is None:
             raise NotFoundError(f"no credential for {_label(service, username)}", "no-credential")
-        self._verify_head(head)
         return head
+
+    def upgrade(self) -> str:
+        """Authenticate the state of a vault made by keyring-hardened 0.1, once.
+
+        0.1 MACed each head row on its own; this checks every such MAC and the
+        whole 0.1 trail, builds the state tree over the rows as they are, and
+        moves the vault to a new vault key (a new epoch). The move matters:
+        code of this version never opens a vault as 0.1 again, and a 0.1
+        vault record written back later no longer matches the trail. What 0.1
+        left unauthenticated (a version's TTL, say) is taken as found, which
+        is why this is a deliberate command and not automatic.
+        """
+        with self._guard() as storage, storage.transaction():
+            vault = storage.vault()
+            if vault.state_version != 0:
+                raise UsageError(f"the vault at {self.location.home} is already upgraded")
+            g, vault_id = vault.generation, vault.vault_id
+            anchor_seq, anchor_mac = storage.audit_anchor()
+            events = list(storage.events(after=anchor_seq))
+            result = audit.verify({g: self._vkeys.audit_key}, events, anchor_seq, anchor_mac,
+                                  legacy_epoch=g)
+            if not result.ok or any(e.epoch is not None for e in events):
+                raise IntegrityError(f"the 0.1 audit trail does not verify ({result.problem}); "
+                                     "nothing was changed", "upgrade-trail")
+            heads = [h for _, h in storage.all_heads()]
+            for h in heads:
+                expected = self._head_mac(h.service, h.username, h.current_version,
+                                          h.last_version, h.expires_at)
+                if not hmac.compare_digest(expected, h.mac):
+                    raise IntegrityError(f"{_label(h.service, h.username)}: its 0.1 record "
+                                         "fails its check; nothing was changed", "head-mac")
+            pairs: dict[int, list[tuple[int, bytes]]] = {}
+            version_updates = []
+            for head_id, row in storage.all_versions():
+                digest = _version_digest(row)
+                pairs.setdefault(head_id, []).append((row.version, digest))
+                version_updates.append((digest, head_id, row.version))
+            storage.fill_state_columns(
+                [(state.bucket_of(h.service), state.versions_digest(pairs.get(h.id, [])), h.id)
+                 for h in heads], version_updates)
+            old_key = envelope.unwrap_vault_key(self._root.wrap, vault_id, vault.vault_key)
+            new_blob, new_material = envelope.new_vault_key(self._root.wrap, vault_id)
+            new_keys = VaultKeys(new_material, vault_id)
+            storage.set_past_keys([(g, envelope.wrap_past_vault_key(new_keys.past, vault_id, g,
+                                                                    old_key))])
+            envelope.wipe(old_key)
+            storage.set_root(vault.kdf, vault.verifier, new_blob, g + 1, state_version=1)
+            buckets: dict[int, list[bytes]] = {}
+            for _, h in storage.all_heads():
+                buckets.setdefault(state.bucket_of(h.service), []).append(_head_leaf(h))
+            nodes: dict[state.NodeKey, bytes] = dict(state.update_paths(
+                {b: state.bucket_digest(leaves) for b, leaves in buckets.items()}, {}))
+            meta = _meta_digest(Meta(storage.vault(), storage.keks(), storage.past_keys(),
+                                     storage.audit_anchor()))
+            storage.clear_nodes()
+            storage.put_nodes({**nodes, state.META_KEY: meta})
+            event = audit.Event(result.head_seq + 1, int(self._clock() * 1_000_000), self.actor,
+                                "upgrade", None, None, "ok", None, f"from-0.1-{len(heads)}",
+                                b"", g + 1, state.root_of(meta, nodes.get((0, 0),
+                                                                         state.EMPTY_NODE)))
+            event = event._replace(mac=audit.chain_mac(new_keys.audit_key, result.head_mac,
+                                                       event))
+            storage.append_event(event)
+        self._sinks.emit(event)
+        self._adopt(self._root, new_keys, self._kdf)
+        with self._guard() as storage, storage.snapshot():
+            self._tx = self._begin(storage)
+            try:
+                meta_rows = self._meta(storage)
+                self._unwrap_keks(meta_rows.keks)
+                if self.config.audit_hmac_identifiers:
+                    self._ident_key = self._identifier_key(meta_rows)
+            finally:
+                self._tx = None
+        return (f"upgraded: the state of {len(heads)} credentials is now authenticated "
+                f"as a whole (key epoch {g + 1})")
+
+    def _adopt(self, root: RootKey, vkeys: VaultKeys, params: KdfParams) -> None:
+        """Take the keys of a rekey this session committed (the old ones are wiped)."""
+        with self._guard() as storage:
+            if self._ident_key is None and self.config.audit_hmac_identifiers:
+                self._ident_key = bytearray(self._vkeys.identifier_key)
+            if root is not self._root:
+                self._root.close()
+            self._vkeys.close()
+            self._root, self._vkeys, self._kdf = root, vkeys, params
+            self._vault = storage.vault()
+            self._epoch = self._vault.generation
+
+    def _checkpoint(self, what: str) -> None:
+        """Make deleted rows leave the disk: fold and truncate the WAL, retrying briefly.
+
+        ``secure_delete`` zeroes freed pages in the database file, but the
+        WAL keeps the old page images until a checkpoint copies the newer
+        pages over them and truncates it, which a connection still reading an
+        older snapshot prevents. The operation stands either way; the user is
+        told what remains on disk.
+        """
+        delay = 0.02
+        for _ in range(8):
+            with self._guard() as storage:
+                if storage.checkpoint():
+                    return
+            time.sleep(delay)
+            delay *= 2
+        self.notice(f"the {what} is done, but another process holding the vault open kept "
+                    f"its old data in {self.location.database}-wal; it is overwritten when "
+                    "that process closes the vault (or run: keyring-hardened status, later)")
 
     def close(self) -> None:
         """Wipe key material (best effort) and close the database."""
@@ -601,6 +1194,9 @@ class Session:
             self._keks.clear()
             self._root.close()
             self._vkeys.close()
+            if self._ident_key is not None:
+                for i in range(len(self._ident_key)):
+                    self._ident_key[i] = 0
             if os.getpid() == self._pid:
                 self._storage.close()
 
@@ -609,3 +1205,11 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _valid_actor(actor: str) -> bool:
+    try:
+        validate_actor(actor)
+    except UsageError:
+        return False
+    return True

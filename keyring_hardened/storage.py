@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,6 +123,30 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         # The current version's expiry, covered by the head's MAC.
         "ALTER TABLE credentials ADD COLUMN expires_at REAL",
     )),
+    # The authenticated state (see state.py): every event carries the state
+    # root its mac covers; heads and versions carry what the root is built from.
+    ("0004_authenticated_state", (
+        # 0: made by keyring-hardened 0.1, state not yet authenticated (run upgrade).
+        "ALTER TABLE vault ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE credentials ADD COLUMN bucket INTEGER",
+        "ALTER TABLE credentials ADD COLUMN versions_digest BLOB",
+        "CREATE INDEX credentials_by_bucket ON credentials (bucket, service, username)",
+        "ALTER TABLE secret_versions ADD COLUMN digest BLOB",
+        "ALTER TABLE audit_events ADD COLUMN epoch INTEGER",
+        "ALTER TABLE audit_events ADD COLUMN root BLOB",
+        """CREATE TABLE state_nodes (
+            level INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            hashes BLOB NOT NULL,
+            PRIMARY KEY (level, idx)
+        ) WITHOUT ROWID""",
+        # Vault keys of earlier epochs (before a rekey), each wrapped under the
+        # current vault key: kept to verify the trail they chained.
+        """CREATE TABLE vault_keys (
+            epoch INTEGER PRIMARY KEY,
+            wrapped BLOB NOT NULL
+        )""",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -144,6 +168,8 @@ class VaultRecord(NamedTuple):
     verifier: bytes
     vault_key: bytes
     generation: int
+    #: 1 once the state is authenticated; 0 for a vault made by 0.1 (needs upgrade).
+    state_version: int = 1
 
 
 class KekRecord(NamedTuple):
@@ -168,6 +194,7 @@ class HeadRow(NamedTuple):
     updated_at: float
     mac: bytes
     expires_at: float | None = None
+    versions_digest: bytes | None = None
 
 
 class VersionRow(NamedTuple):
@@ -180,15 +207,17 @@ class VersionRow(NamedTuple):
     created_at: float
     ttl: float | None = None
     expires_at: float | None = None
+    digest: bytes | None = None
 
 
 _N = type(None)
-_VAULT_TYPES = (bytes, float, str, bytes, bytes, int)
+_VAULT_TYPES = (bytes, float, str, bytes, bytes, int, int)
 _KEK_TYPES = (int, str, float, (bytes, _N), int)
-_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N))
-_VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N))
+_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N))
+_VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N), (bytes, _N))
 _REWRAP_TYPES = (int, str, str, int, int, bytes)
-_EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes)
+_EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes,
+                (int, _N), (bytes, _N))
 
 
 def _typed(row: tuple[Any, ...] | Any, types: tuple[Any, ...], what: str) -> tuple[Any, ...]:
@@ -286,8 +315,9 @@ class SQLiteStorage:
                 _apply_migrations(self._conn)
 
     @classmethod
-    def create(cls, path: Path, vault: VaultRecord, kek: KekRecord) -> bool:
-        """Create a complete vault at ``path`` atomically.
+    def create(cls, path: Path, vault: VaultRecord, kek: KekRecord, event: Event,
+               nodes: Mapping[tuple[int, int], bytes]) -> bool:
+        """Create a complete vault at ``path`` atomically, with its first (init) event.
 
         Returns False, leaving everything as it was, when a vault already
         exists there (another process may have won the race).
@@ -304,10 +334,14 @@ class SQLiteStorage:
                 conn.execute("BEGIN IMMEDIATE")
                 _apply_migrations(conn)
                 conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier,"
-                             " vault_key, generation) VALUES (1, ?, ?, ?, ?, ?, ?)", vault)
+                             " vault_key, generation, state_version)"
+                             " VALUES (1, ?, ?, ?, ?, ?, ?, ?)", vault)
                 conn.execute("INSERT INTO keks (version, state, created_at, wrapped, wrap_count) "
                              "VALUES (?, ?, ?, ?, ?)",
                              (kek.version, kek.state, kek.created_at, kek.wrapped, kek.wrap_count))
+                conn.executemany("INSERT INTO state_nodes (level, idx, hashes) VALUES (?, ?, ?)",
+                                 [(level, idx, blob) for (level, idx), blob in nodes.items()])
+                conn.execute(_INSERT_EVENT, event)
                 conn.execute("COMMIT")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
@@ -366,7 +400,8 @@ class SQLiteStorage:
     def vault(self) -> VaultRecord:
         """The vault record; its absence is damage."""
         rows = self._rows("SELECT CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB),"
-                          " CAST(vault_key AS BLOB), generation FROM vault WHERE id = 1")
+                          " CAST(vault_key AS BLOB), generation, state_version FROM vault"
+                          " WHERE id = 1")
         if not rows:
             raise IntegrityError(f"vault database {self.path} has no vault record; "
                                  "restore it from a backup")
@@ -377,16 +412,6 @@ class SQLiteStorage:
         return [KekRecord(*_typed(r, _KEK_TYPES, "key record")) for r in self._rows(
             "SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count FROM keks"
             " ORDER BY version")]
-
-    def active_kek(self) -> KekRecord | None:
-        """The KEK version new writes use."""
-        rows = self._rows("SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count"
-                          " FROM keks WHERE state = 'active' ORDER BY version DESC LIMIT 1")
-        return KekRecord(*_typed(rows[0], _KEK_TYPES, "key record")) if rows else None
-
-    def newest_kek_version(self) -> int:
-        """The highest KEK version ever made (retired ones included)."""
-        return int(self._rows("SELECT coalesce(max(version), 0) FROM keks")[0][0])
 
     def add_kek(self, record: KekRecord) -> None:
         """Store a new KEK version."""
@@ -401,17 +426,28 @@ class SQLiteStorage:
         """Replace a KEK version's wrapped material (rekey)."""
         self._run("UPDATE keks SET wrapped = ? WHERE version = ?", (wrapped, version))
 
-    def retire_keks_below(self, below: int) -> list[int]:
-        """Retire every KEK version under ``below``: state retired, material removed."""
-        versions = [r[0] for r in self._rows(
-            "SELECT version FROM keks WHERE version < ? AND state != 'retired'", (below,))]
-        self._run("UPDATE keks SET state = 'retired', wrapped = NULL WHERE version < ?", (below,))
-        return versions
+    def retire_kek(self, version: int) -> None:
+        """Retire a KEK version: state retired, wrapped material removed."""
+        self._run("UPDATE keks SET state = 'retired', wrapped = NULL WHERE version = ?",
+                  (version,))
 
     def count_wrap(self, kek_version: int, n: int = 1) -> None:
         """Count data keys wrapped under a KEK (NIST SP 800-38D usage limit)."""
         self._run("UPDATE keks SET wrap_count = wrap_count + ? WHERE version = ?",
                   (n, kek_version))
+
+    def past_keys(self) -> list[tuple[int, bytes]]:
+        """Vault keys of earlier epochs, each wrapped under the current vault key."""
+        return [_typed(r, (int, bytes), "vault key record") for r in self._rows(
+            "SELECT epoch, CAST(wrapped AS BLOB) FROM vault_keys ORDER BY epoch")]
+
+    def set_past_keys(self, keys: Iterable[tuple[int, bytes]]) -> None:
+        """Replace the stored vault keys of earlier epochs."""
+        self._run("DELETE FROM vault_keys")
+        try:
+            self._conn.executemany("INSERT INTO vault_keys (epoch, wrapped) VALUES (?, ?)", keys)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
 
     def under_keks_below(self, below: int) -> tuple[int, int]:
         """(versions, credentials) whose data keys are wrapped under a KEK below ``below``."""
@@ -420,92 +456,79 @@ class SQLiteStorage:
             " WHERE kek_version < ?", (below,))[0]
         return int(versions), int(creds)
 
-    def rewrap_candidates(self, below: int, limit: int
-                          ) -> list[tuple[int, str, str, int, int, bytes]]:
-        """Up to ``limit`` versions wrapped under a KEK below ``below``, with their names."""
+    def rewrap_candidates(self, below: int, limit: int) -> list[tuple[int, str, VersionRow]]:
+        """Up to ``limit`` versions under a KEK below ``below``: (head id, service, row)."""
         rows = self._rows(
-            "SELECT v.credential_id, c.service, c.username, v.version, v.kek_version,"
-            " CAST(v.wrapped_key AS BLOB) FROM secret_versions v JOIN credentials c"
+            "SELECT v.credential_id, c.service, v.version, v.kek_version,"
+            " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB), v.created_at, v.ttl,"
+            " v.expires_at, CAST(v.digest AS BLOB) FROM secret_versions v JOIN credentials c"
             " ON c.id = v.credential_id WHERE v.kek_version < ? ORDER BY v.kek_version LIMIT ?",
             (below, limit))
-        return [_typed(r, _REWRAP_TYPES, "version record") for r in rows]
+        found = []
+        for r in rows:
+            if not isinstance(r[0], int) or not isinstance(r[1], str):
+                raise IntegrityError("stored credential record holds a value of the wrong type "
+                                     "(tampered?)", "column-type")
+            found.append((r[0], r[1], VersionRow(*_typed(r[2:], _VERSION_TYPES,
+                                                          "version record"))))
+        return found
 
-    def set_wrapped_keys(self, rows: list[tuple[int, bytes, int, int]]) -> None:
-        """Store re-wrapped data keys: (kek_version, wrapped_key, credential_id, version)."""
-        try:
-            self._conn.executemany("UPDATE secret_versions SET kek_version = ?, wrapped_key = ?"
-                                   " WHERE credential_id = ? AND version = ?", rows)
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
+    def set_wrapped_key(self, head_id: int, version: int, kek_version: int, wrapped_key: bytes,
+                        digest: bytes) -> None:
+        """Store a re-wrapped data key and the version's new digest."""
+        self._run("UPDATE secret_versions SET kek_version = ?, wrapped_key = ?, digest = ?"
+                  " WHERE credential_id = ? AND version = ?",
+                  (kek_version, wrapped_key, digest, head_id, version))
 
-    def set_root(self, kdf: str, verifier: bytes, vault_key: bytes, generation: int) -> None:
-        """Record a new root key: its KDF parameters, verifier and the re-wrapped vault key."""
-        self._run("UPDATE vault SET kdf = ?, verifier = ?, vault_key = ?, generation = ?"
-                  " WHERE id = 1", (kdf, verifier, vault_key, generation))
+    def set_root(self, kdf: str, verifier: bytes, vault_key: bytes, generation: int,
+                 state_version: int = 1) -> None:
+        """Record a new root key and key epoch: KDF parameters, verifier, wrapped vault key."""
+        self._run("UPDATE vault SET kdf = ?, verifier = ?, vault_key = ?, generation = ?,"
+                  " state_version = ? WHERE id = 1",
+                  (kdf, verifier, vault_key, generation, state_version))
 
     # -- credentials ----------------------------------------------------------
 
     _HEAD = ("SELECT id, service, username, current_version, last_version, created_at, "
-             "updated_at, CAST(mac AS BLOB), expires_at FROM credentials")
+             "updated_at, CAST(mac AS BLOB), expires_at, CAST(versions_digest AS BLOB)"
+             " FROM credentials")
 
-    def head(self, service: str, username: str) -> HeadRow | None:
-        """The head row of a credential, deleted or not."""
-        rows = self._rows(self._HEAD + " WHERE service = ? AND username = ?", (service, username))
-        return HeadRow(*_typed(rows[0], _HEAD_TYPES, "credential record")) if rows else None
+    def heads_in_bucket(self, bucket: int) -> list[HeadRow]:
+        """Every head stored in a state bucket, in (service, username) order."""
+        return [HeadRow(*_typed(r, _HEAD_TYPES, "credential record")) for r in self._rows(
+            self._HEAD + " WHERE bucket = ? ORDER BY service, username", (bucket,))]
 
-    def read(self, service: str, username: str, version: int | None
-             ) -> tuple[HeadRow, VersionRow | None] | None:
-        """A head and one of its versions (the current one when ``version`` is None)."""
-        rows = self._rows(
-            "SELECT c.id, c.service, c.username, c.current_version, c.last_version, c.created_at,"
-            " c.updated_at, CAST(c.mac AS BLOB), c.expires_at, v.version, v.kek_version,"
-            " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB),"
-            " v.created_at, v.ttl, v.expires_at FROM credentials c LEFT JOIN secret_versions v"
-            " ON v.credential_id = c.id AND v.version = coalesce(?, c.current_version)"
-            " WHERE c.service = ? AND c.username = ?", (version, service, username))
-        if not rows:
-            return None
-        row = rows[0]
-        head = HeadRow(*_typed(row[:9], _HEAD_TYPES, "credential record"))
-        if row[9] is None:
-            return head, None
-        return head, VersionRow(*_typed(row[9:], _VERSION_TYPES, "version record"))
-
-    def new_head(self, service: str, username: str, now: float, mac: bytes) -> HeadRow:
-        """Insert the head of a credential that has never existed."""
+    def new_head(self, service: str, username: str, bucket: int, now: float) -> HeadRow:
+        """Insert the head of a credential that has never existed (no version yet)."""
         self._run("INSERT INTO credentials (service, username, current_version, last_version,"
-                  " created_at, updated_at, mac) VALUES (?, ?, NULL, 0, ?, ?, ?)",
-                  (service, username, now, now, mac))
-        head = self.head(service, username)
-        assert head is not None  # noqa: S101 - inserted just above in this transaction
-        return head
+                  " created_at, updated_at, mac, bucket) VALUES (?, ?, NULL, 0, ?, ?, X'', ?)",
+                  (service, username, now, now, bucket))
+        rows = self._rows(self._HEAD + " WHERE service = ? AND username = ?", (service, username))
+        if not rows:  # inserted just above, in this transaction
+            raise StorageError(f"vault database {self.path}: a new credential vanished")
+        return HeadRow(*_typed(rows[0], _HEAD_TYPES, "credential record"))
 
     def update_head(self, head_id: int, current: int | None, last: int, now: float,
-                    mac: bytes, expires_at: float | None = None) -> None:
-        """Move a credential's current and last version (and the current one's expiry)."""
+                    expires_at: float | None, versions_digest: bytes) -> None:
+        """Move a credential's current and last version, its expiry and its version digest."""
         self._run("UPDATE credentials SET current_version = ?, last_version = ?, updated_at = ?,"
-                  " mac = ?, expires_at = ? WHERE id = ?",
-                  (current, last, now, mac, expires_at, head_id))
+                  " expires_at = ?, versions_digest = ? WHERE id = ?",
+                  (current, last, now, expires_at, versions_digest, head_id))
 
     def add_version(self, head_id: int, row: VersionRow) -> None:
         """Store a new version."""
         self._run("INSERT INTO secret_versions (credential_id, version, kek_version, wrapped_key,"
-                  " ciphertext, created_at, ttl, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  (head_id, *row))
+                  " ciphertext, created_at, ttl, expires_at, digest)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (head_id, *row))
 
-    def version(self, head_id: int, version: int) -> VersionRow | None:
-        """One stored version of a credential."""
-        rows = self._rows("SELECT version, kek_version, CAST(wrapped_key AS BLOB),"
-                          " CAST(ciphertext AS BLOB), created_at, ttl, expires_at"
-                          " FROM secret_versions WHERE credential_id = ? AND version = ?",
-                          (head_id, version))
-        return VersionRow(*_typed(rows[0], _VERSION_TYPES, "version record")) if rows else None
+    _VERSION = ("SELECT version, kek_version, CAST(wrapped_key AS BLOB),"
+                " CAST(ciphertext AS BLOB), created_at, ttl, expires_at, CAST(digest AS BLOB)"
+                " FROM secret_versions")
 
-    def versions(self, head_id: int) -> list[tuple[int, int, float, float | None]]:
-        """(version, KEK version, created, expires) of every kept version, newest first."""
-        return [tuple(r) for r in self._rows(
-            "SELECT version, kek_version, created_at, expires_at FROM secret_versions"
-            " WHERE credential_id = ? ORDER BY version DESC", (head_id,))]
+    def versions(self, head_id: int) -> list[VersionRow]:
+        """Every kept version of a credential, oldest first."""
+        return [VersionRow(*_typed(r, _VERSION_TYPES, "version record")) for r in self._rows(
+            self._VERSION + " WHERE credential_id = ? ORDER BY version", (head_id,))]
 
     def prune(self, head_id: int, keep: int) -> int:
         """Delete all but the newest ``keep`` versions; returns how many went."""
@@ -518,17 +541,46 @@ class SQLiteStorage:
         """Delete a credential and every version of it."""
         self._run("DELETE FROM credentials WHERE id = ?", (head_id,))
 
-    def heads(self, include_deleted: bool = False) -> list[HeadRow]:
-        """Every credential head, by service then username."""
-        where = "" if include_deleted else " WHERE current_version IS NOT NULL"
-        return [HeadRow(*_typed(r, _HEAD_TYPES, "credential record"))
-                for r in self._rows(self._HEAD + where + " ORDER BY service, username")]
+    def all_heads(self) -> Iterator[tuple[int | None, HeadRow]]:
+        """Every head with its stored bucket, by service then username."""
+        try:
+            cur = self._conn.execute(
+                "SELECT bucket, id, service, username, current_version, last_version,"
+                " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
+                " CAST(versions_digest AS BLOB) FROM credentials ORDER BY service, username")
+            while batch := cur.fetchmany(2048):
+                for row in batch:
+                    bucket = row[0] if isinstance(row[0], int) else None
+                    yield bucket, HeadRow(*_typed(row[1:], _HEAD_TYPES, "credential record"))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
 
-    def usernames(self, service: str) -> list[str]:
-        """Usernames of the live credentials of a service."""
-        return [r[0] for r in self._rows(
-            "SELECT username FROM credentials WHERE service = ? AND current_version IS NOT NULL"
-            " ORDER BY updated_at DESC", (service,))]
+    def all_versions(self) -> Iterator[tuple[int, VersionRow]]:
+        """Every stored version with its credential id, by credential then version."""
+        try:
+            cur = self._conn.execute(
+                "SELECT credential_id, version, kek_version, CAST(wrapped_key AS BLOB),"
+                " CAST(ciphertext AS BLOB), created_at, ttl, expires_at, CAST(digest AS BLOB)"
+                " FROM secret_versions ORDER BY credential_id, version")
+            while batch := cur.fetchmany(2048):
+                for row in batch:
+                    if not isinstance(row[0], int):
+                        raise IntegrityError("stored version record holds a value of the wrong"
+                                             " type (tampered?)", "column-type")
+                    yield row[0], VersionRow(*_typed(row[1:], _VERSION_TYPES, "version record"))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def fill_state_columns(self, heads: Iterable[tuple[int, bytes, int]],
+                           versions: Iterable[tuple[bytes, int, int]]) -> None:
+        """Set (bucket, versions digest) of heads and the digest of versions (upgrade)."""
+        try:
+            self._conn.executemany("UPDATE credentials SET bucket = ?, versions_digest = ?,"
+                                   " mac = X'' WHERE id = ?", heads)
+            self._conn.executemany("UPDATE secret_versions SET digest = ?"
+                                   " WHERE credential_id = ? AND version = ?", versions)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
 
     def counts(self) -> dict[str, int]:
         """Numbers for ``status``."""
@@ -548,10 +600,47 @@ class SQLiteStorage:
         """Names of the applied migrations."""
         return [r[0] for r in self._rows("SELECT name FROM schema_migrations ORDER BY name")]
 
+    # -- the state tree -------------------------------------------------------
+
+    def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """Stored state nodes by (level, index); absent ones are left out."""
+        wanted = list(keys)
+        if not wanted:
+            return {}
+        where = " OR ".join("(level = ? AND idx = ?)" for _ in wanted)
+        params = tuple(v for key in wanted for v in key)
+        found = {}
+        for level, idx, blob in self._rows(
+                # Only placeholders vary; the text is built from a fixed fragment.
+                "SELECT level, idx, CAST(hashes AS BLOB) FROM state_nodes WHERE " + where,  # noqa: S608
+                params):
+            if not (isinstance(level, int) and isinstance(idx, int) and isinstance(blob, bytes)):
+                raise IntegrityError("a stored state node holds a value of the wrong type "
+                                     "(tampered?)", "column-type")
+            found[(level, idx)] = blob
+        return found
+
+    def put_nodes(self, nodes: Mapping[tuple[int, int], bytes | None]) -> None:
+        """Store changed state nodes; None (or an all-empty node) removes one."""
+        try:
+            for (level, idx), blob in nodes.items():
+                if blob is None or not any(blob):
+                    self._conn.execute("DELETE FROM state_nodes WHERE level = ? AND idx = ?",
+                                       (level, idx))
+                else:
+                    self._conn.execute("INSERT OR REPLACE INTO state_nodes (level, idx, hashes)"
+                                       " VALUES (?, ?, ?)", (level, idx, blob))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def clear_nodes(self) -> None:
+        """Remove every state node (before a rebuild from scratch)."""
+        self._run("DELETE FROM state_nodes")
+
     # -- audit ----------------------------------------------------------------
 
     _EVENT = ("SELECT seq, ts_us, actor, op, service, username, outcome, key_version, reason,"
-              " CAST(mac AS BLOB) FROM audit_events")
+              " CAST(mac AS BLOB), epoch, CAST(root AS BLOB) FROM audit_events")
 
     def audit_anchor(self) -> tuple[int, bytes]:
         """The (seq, mac) that the oldest kept event follows."""
@@ -570,10 +659,19 @@ class SQLiteStorage:
         seq, mac = _typed(rows[0], (int, bytes), "audit event")
         return seq, mac
 
+    def newest_events(self, n: int = 2) -> list[Event]:
+        """The ``n`` newest events, newest first."""
+        return [Event(*_typed(r, _EVENT_TYPES, f"audit event {r[0]}")) for r in self._rows(
+            self._EVENT + " ORDER BY seq DESC LIMIT ?", (n,))]
+
+    def event(self, seq: int) -> Event | None:
+        """One event by its sequence number."""
+        rows = self._rows(self._EVENT + " WHERE seq = ?", (seq,))
+        return Event(*_typed(rows[0], _EVENT_TYPES, f"audit event {seq}")) if rows else None
+
     def append_event(self, event: Event) -> None:
         """Insert one chained event (inside the caller's transaction)."""
-        self._run("INSERT INTO audit_events (seq, ts_us, actor, op, service, username, outcome,"
-                  " key_version, reason, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", event)
+        self._run(_INSERT_EVENT, event)
 
     def events(self, after: int = 0, through: int | None = None,
                newest_first: bool = False) -> Iterator[Event]:
@@ -616,12 +714,20 @@ class SQLiteStorage:
         """Whether failed unlocks wait to be chained."""
         return bool(self._rows("SELECT 1 FROM audit_pending LIMIT 1"))
 
-    def take_pending(self) -> list[tuple[int, str, str, str, str | None]]:
-        """Remove and return the waiting events, oldest first (inside a transaction)."""
-        rows = self._rows("SELECT ts_us, actor, op, outcome, reason FROM audit_pending"
-                          " ORDER BY id")
-        self._run("DELETE FROM audit_pending")
-        return [tuple(r) for r in rows]
+    def take_pending(self, limit: int) -> list[tuple[Any, ...]]:
+        """Remove and return up to ``limit`` waiting rows, oldest first (inside a transaction).
+
+        The rows are returned as stored, unchecked: nothing authenticates
+        them, and the caller validates every field.
+        """
+        rows = self._rows("SELECT id, ts_us, actor, op, outcome, reason FROM audit_pending"
+                          " ORDER BY id LIMIT ?", (limit,))
+        try:
+            self._conn.executemany("DELETE FROM audit_pending WHERE id = ?",
+                                   [(r[0],) for r in rows])
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        return [tuple(r[1:]) for r in rows]
 
     def savepoint(self) -> None:
         """Open a savepoint inside the current transaction."""
@@ -636,9 +742,34 @@ class SQLiteStorage:
         self._run("ROLLBACK TO op")
         self._run("RELEASE op")
 
-    def checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it (after a purge)."""
-        self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self) -> bool:
+        """Fold the WAL into the database and truncate it; False if a reader blocked it.
+
+        Deleted rows are zeroed in the database file (``secure_delete``),
+        but their old page images stay in the WAL until a checkpoint copies
+        the newer pages over them and truncates it; another connection
+        reading an older snapshot prevents that.
+        """
+        busy, _log, _done = self._rows("PRAGMA wal_checkpoint(TRUNCATE)")[0]
+        return int(busy) == 0
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read transaction: every read inside sees one consistent state."""
+        try:
+            self._conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            yield
+        finally:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+
+
+_INSERT_EVENT = ("INSERT INTO audit_events (seq, ts_us, actor, op, service, username, outcome,"
+                 " key_version, reason, mac, epoch, root) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                 " ?, ?)")
 
 
 def _apply_migrations(conn: sqlite3.Connection) -> None:

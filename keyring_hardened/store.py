@@ -9,12 +9,13 @@ whole or not at all.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 from .errors import ExpiredError, IntegrityError, NotFoundError, UsageError
-from .rootkey import OWASP_ARGON2_FLOOR
 from .secret import Secret
 from .session import Session, _label, _Note, _utc
+from .state import bucket_of
 from .storage import KekRecord, SQLiteStorage
 
 __all__ = ["CredentialInfo", "Store", "VersionInfo"]
@@ -58,6 +59,13 @@ def _check_name(what: str, value: object, *, allow_empty: bool) -> str:
     return value
 
 
+def _check_version(version: object) -> None:
+    """A version number given by a caller: a positive integer that SQLite can hold."""
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or not 1 <= version < 2**63):
+        raise UsageError("version must be a positive integer")
+
+
 def _secret_bytes(secret: str | Secret) -> bytes:
     value = secret.reveal() if isinstance(secret, Secret) else secret
     if not isinstance(value, str):
@@ -85,30 +93,27 @@ class Store(Session):
         """Return the current secret, or ``version`` of it; raise NotFoundError if absent."""
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                    or version < 1):
-            raise UsageError("version must be a positive integer")
+        _check_version(version)
 
         def body(storage: SQLiteStorage, note: _Note) -> Secret:
-            found = storage.read(service, username, version)
-            if found is None:
-                raise NotFoundError(f"no credential for {_label(service, username)}",
-                                    "no-credential")
-            head, row = found
-            self._verify_head(head)
+            head = self._existing(storage, service, username)
             if head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} is deleted",
                                     "deleted")
+            wanted = head.current_version if version is None else version
+            row = next((self._checked(head, r) for r in self._versions(storage, head)
+                        if r.version == wanted), None)
             if row is None:
-                if version is None:
+                if wanted == head.current_version:
                     raise IntegrityError(f"{_label(service, username)}: current version "
                                          "is missing", "missing-version")
                 raise NotFoundError(f"version {version} of {_label(service, username)} "
                                     "is not kept", "not-kept")
             note.key_version = row.kek_version
-            # The current version's expiry is read from the MAC'd head; an older
-            # version's from its own row.
-            expires = head.expires_at if version is None else row.expires_at
+            # The current version's expiry is the head's (set when it became
+            # current, or again by a rollback); an older version's is its own.
+            # Both are covered by the state root.
+            expires = head.expires_at if wanted == head.current_version else row.expires_at
             if expires is not None and self._clock() >= expires:
                 raise ExpiredError(f"{_label(service, username)} expired at "
                                    f"{_utc(expires)}; set a new value (no refresh is "
@@ -133,12 +138,9 @@ class Store(Session):
 
         def body(storage: SQLiteStorage, note: _Note) -> int:
             now = self._clock()
-            head = storage.head(service, username)
+            head = self._find(storage, service, username)
             if head is None:
-                head = storage.new_head(service, username, now,
-                                        self._head_mac(service, username, None, 0))
-            else:
-                self._verify_head(head)
+                head = storage.new_head(service, username, bucket_of(service), now)
             return self._write_version(storage, head, data, now, note,
                                        float(ttl) if ttl is not None else None)
 
@@ -153,67 +155,95 @@ class Store(Session):
             head = self._existing(storage, service, username)
             if purge:
                 storage.purge(head.id)
+                self._touch(service)
             elif head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} "
                                     "is already deleted", "deleted")
             else:
-                storage.update_head(head.id, None, head.last_version, self._clock(),
-                                    self._head_mac(service, username, None, head.last_version))
+                self._versions_checked(storage, head)
+                self._move_head(storage, head, None, head.last_version, self._clock(), None)
 
         self._run("purge" if purge else "delete", service, username, body, writes=True)
         if purge:
-            with self._guard() as storage:
-                # Fold the WAL so freed pages are zeroed in the database file too.
-                storage.checkpoint()
+            # Fold the WAL so freed pages are zeroed in the database file too.
+            self._checkpoint("purge")
 
-    def rollback(self, service: str, username: str, *, to_version: int | None = None) -> int:
+    def rollback(self, service: str, username: str, *, to_version: int | None = None,
+                 allow_expired: bool = False) -> int:
         """Restore a kept version as a new current version; returns the new number.
 
         Without ``to_version``: the newest kept version before the current
-        one, or the newest kept version of a deleted credential.
+        one, or the newest kept version of a deleted credential. A version
+        past its expiry is restored only with ``allow_expired``, and then
+        lives its TTL again from now: a TTL limits a value's life, it does
+        not revoke it.
         """
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
-        if to_version is not None and (isinstance(to_version, bool) or to_version < 1):
-            raise UsageError("version must be a positive integer")
+        _check_version(to_version)
 
         def body(storage: SQLiteStorage, note: _Note) -> int:
             head = self._existing(storage, service, username)
-            kept = [v for v, _, _, _ in storage.versions(head.id)]
+            rows = self._versions(storage, head)
             target = to_version
             if target is None:
-                earlier = [v for v in kept if head.current_version is None
-                           or v < head.current_version]
+                earlier = [r.version for r in rows if head.current_version is None
+                           or r.version < head.current_version]
                 if not earlier:
                     raise NotFoundError(f"no earlier version of {_label(service, username)} "
                                         "to roll back to", "no-earlier-version")
-                target = earlier[0]
+                target = earlier[-1]
             if target == head.current_version:
                 raise UsageError(f"version {target} of {_label(service, username)} "
                                  "is already current", "already-current")
-            row = storage.version(head.id, target)
+            row = next((self._checked(head, r) for r in rows if r.version == target), None)
             if row is None:
                 raise NotFoundError(f"version {target} of {_label(service, username)} "
                                     "is not kept", "not-kept")
+            now = self._clock()
+            if row.expires_at is not None and now >= row.expires_at and not allow_expired:
+                raise ExpiredError(f"version {target} of {_label(service, username)} expired "
+                                   f"at {_utc(row.expires_at)}; restoring it would give it its "
+                                   "TTL again from now (use --allow-expired to do that)",
+                                   "rollback-expired")
             value = self._decrypt(head, row)
             note.reason = f"from-version-{target}"
             # A restored value gets its version's TTL again, counted from now.
-            return self._write_version(storage, head, value.encode("utf-8"), self._clock(), note,
+            return self._write_version(storage, head, value.encode("utf-8"), now, note,
                                        row.ttl)
 
         return self._run("rollback", service, username, body, writes=True)
 
     def credentials(self) -> list[CredentialInfo]:
-        """Every live credential (names and versions only)."""
-        return self._run("list", None, None, lambda storage, note: [
-            CredentialInfo(h.service, h.username, h.current_version or 0, h.updated_at)
-            for h in storage.heads()])
+        """Every live credential (names and versions only); checks every row of the vault."""
+        def body(storage: SQLiteStorage, note: _Note) -> list[CredentialInfo]:
+            self._full_check(storage, versions=False)
+            return [CredentialInfo(h.service, h.username, h.current_version, h.updated_at)
+                    for _, h in storage.all_heads() if h.current_version is not None]
+
+        return self._run("list", None, None, body)
 
     def usernames(self, service: str) -> list[str]:
-        """The usernames of a service's live credentials, most recently updated first."""
+        """The usernames of a service's live credentials, most recently updated first.
+
+        A service's heads share one bucket of the state tree, so the answer
+        (and the order, which keyring's ``get_credential`` relies on) is
+        checked whole: no head can be hidden, bumped or written back.
+        """
         _check_name("service", service, allow_empty=False)
-        return self._run("lookup", service, None,
-                         lambda storage, note: storage.usernames(service))
+
+        def body(storage: SQLiteStorage, note: _Note) -> list[str]:
+            heads = [h for h in self._bucket(storage, self._state(), bucket_of(service))
+                     if h.service == service and h.current_version is not None]
+            if not heads:
+                raise NotFoundError(f"no credential for service {service!r}", "no-credential")
+            heads.sort(key=lambda h: (h.updated_at, h.id), reverse=True)
+            return [h.username for h in heads]
+
+        try:
+            return self._run("lookup", service, None, body)
+        except NotFoundError:
+            return []
 
     def history(self, service: str, username: str) -> list[VersionInfo]:
         """Kept versions of a credential, newest first (no values)."""
@@ -222,8 +252,12 @@ class Store(Session):
 
         def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
-            return [VersionInfo(v, k, created, v == head.current_version, expires)
-                    for v, k, created, expires in storage.versions(head.id)]
+            return [VersionInfo(r.version, r.kek_version, r.created_at,
+                                r.version == head.current_version,
+                                head.expires_at if r.version == head.current_version
+                                else r.expires_at)
+                    for r in map(partial(self._checked, head),
+                                 reversed(self._versions(storage, head)))]
 
         return self._run("history", service, username, body)
 
@@ -232,11 +266,12 @@ class Store(Session):
 
         def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
             in_use = storage.keys_in_use()
+            meta = self._meta(storage)
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
-                    for k in storage.keks()]
+                    for k in meta.keks]
             return {"counts": storage.counts(), "keys": keks, "schema": storage.schema(),
-                    "active": storage.active_kek()}
+                    "active": meta.active, "epoch": meta.vault.generation}
 
         found = self._run("status", None, None, body)
         return {
@@ -253,6 +288,7 @@ class Store(Session):
             "config": str(self.config.path) if self.config.path else None,
             "keys": found["keys"],
             "rotation": self._rotation_info(found["active"]),
+            "key_epoch": found["epoch"],
             **found["counts"],
             "warnings": self._warnings(),
         }
@@ -269,12 +305,10 @@ class Store(Session):
     def _kdf_warnings(self) -> list[str]:
         kdf, cfg = self._kdf, self.config
         found = []
+        # Parameters below OWASP's floor never get this far: they are refused
+        # as damage when the vault opens (KdfParams.from_json).
         if kdf.algorithm == "argon2id":
-            if kdf.memory_kib < OWASP_ARGON2_FLOOR["memory_kib"] or \
-                    kdf.iterations < OWASP_ARGON2_FLOOR["iterations"]:
-                found.append("the vault's Argon2id parameters are below OWASP's floor "
-                             "(19 MiB, t=2); run: keyring-hardened key rekey")
-            elif kdf.memory_kib < cfg.argon2_memory_kib or kdf.iterations < cfg.argon2_iterations:
+            if kdf.memory_kib < cfg.argon2_memory_kib or kdf.iterations < cfg.argon2_iterations:
                 found.append(f"the vault's KDF ({kdf.describe()}) is below the configured "
                              "parameters; run: keyring-hardened key rekey to upgrade")
         elif kdf.algorithm == "pbkdf2-sha256" and kdf.iterations < cfg.pbkdf2_iterations:

@@ -1,17 +1,20 @@
 """The audit trail's operations: verify, show, export, checkpoint, prune.
 
 Each is itself an audited operation of the store, run in one transaction.
-Exports and archives are JSON lines: a header line with the vault id and the
-anchor (the seq and mac the first event follows), then one event a line with
-its chain fields, so a copy can be verified away from the vault by anyone
-holding the vault's key.
+Exports and archives are JSON lines: a header line, then one event a line
+with its chain fields, so a copy can be verified away from the vault by
+anyone holding the vault's keys. The header (format 2) names the vault, the
+anchor (the seq and mac the first event follows) and the last event's seq
+and mac, and carries an HMAC under the audit key over all of it, so a file
+cut at either end, or with an edited header, fails ``verify --file``.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,17 @@ if TYPE_CHECKING:
 __all__ = ["AuditTrail"]
 
 FORMAT = "keyring-hardened audit v1"
+#: Exports and archives whose header authenticates both ends.
+FORMAT_2 = "keyring-hardened audit v2"
+_HEADER_FIELDS = ("format", "vault_id", "anchor_seq", "anchor_mac", "last_seq", "last_mac",
+                  "count", "epoch")
+
+
+def _header_mac(key: bytes | bytearray, header: Mapping[str, Any]) -> str:
+    """The HMAC over a format-2 header's fields, in a fixed order."""
+    data = json.dumps([header[k] for k in _HEADER_FIELDS], separators=(",", ":"))
+    return hmac.digest(bytes(key), b"keyring-hardened/audit-file\x00" + data.encode(),
+                       "sha256").hex()
 
 
 def _write_jsonl(path: Path, header: dict[str, Any], events: Iterable[Event]) -> int:
@@ -46,12 +60,19 @@ def read_jsonl(path: Path) -> tuple[dict[str, Any], list[Event]]:
         raise UsageError(f"audit file {path} cannot be read: {exc}") from None
     try:
         header = json.loads(lines[0]) if lines else None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2):
             raise ValueError
         bytes.fromhex(header["anchor_mac"])
-        int(header["anchor_seq"])
+        if not isinstance(header["anchor_seq"], int) or not isinstance(header["vault_id"], str):
+            raise TypeError
+        if header["format"] == FORMAT_2:
+            bytes.fromhex(header["last_mac"])
+            bytes.fromhex(header["header_mac"])
+            for name in ("last_seq", "count", "epoch"):
+                if not isinstance(header[name], int) or isinstance(header[name], bool):
+                    raise TypeError(name)
     except (ValueError, KeyError, TypeError):
-        raise IntegrityError(f"audit file {path}: line 1 is not a {FORMAT} header") from None
+        raise IntegrityError(f"audit file {path}: line 1 is not a {FORMAT_2} header") from None
     events = []
     for n, line in enumerate(lines[1:], start=2):
         try:
@@ -67,29 +88,53 @@ class AuditTrail:
     def __init__(self, store: Session) -> None:
         self._store = store
 
-    def _key(self) -> bytearray:
-        return self._store._vkeys.audit_key
+    def _keys(self, storage: SQLiteStorage) -> dict[int, bytearray]:
+        return self._store._audit_keys(self._store._meta(storage))
 
-    def _header(self, anchor_seq: int, anchor_mac: bytes) -> dict[str, Any]:
-        return {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
-                "anchor_seq": anchor_seq, "anchor_mac": anchor_mac.hex()}
+    def _header(self, storage: SQLiteStorage, anchor_seq: int, anchor_mac: bytes,
+                events: list[Event]) -> dict[str, Any]:
+        """A format-2 header whose HMAC authenticates both ends of ``events``."""
+        last_seq, last_mac = (events[-1].seq, events[-1].mac) if events \
+            else (anchor_seq, anchor_mac)
+        header: dict[str, Any] = {
+            "format": FORMAT_2, "vault_id": self._store._vault.vault_id.hex(),
+            "anchor_seq": anchor_seq, "anchor_mac": anchor_mac.hex(), "last_seq": last_seq,
+            "last_mac": last_mac.hex(), "count": len(events), "epoch": self._store._epoch}
+        header["header_mac"] = _header_mac(self._store._vkeys.audit_key, header)
+        return header
 
     def _check_table(self, storage: SQLiteStorage) -> VerifyResult:
+        """The whole chain, and its ends: the newest event's state root against every row."""
+        keys = self._keys(storage)
         anchor_seq, anchor_mac = storage.audit_anchor()
-        result = audit.verify(self._key(), storage.events(after=anchor_seq),
-                              anchor_seq, anchor_mac)
-        if result.ok:
-            # The anchor moves only with a prune, and each prune is chained:
-            # an anchor ahead of the last recorded prune means events were cut.
-            pruned = _last_prune(storage)
-            if anchor_seq != pruned:
-                return result._replace(ok=False, first_bad=anchor_seq + 1,
-                                       problem=f"events {pruned + 1} to {anchor_seq} were "
-                                               "removed without a recorded prune")
+        result = audit.verify(keys, storage.events(after=anchor_seq), anchor_seq, anchor_mac,
+                              legacy_epoch=min(keys))
+        if not result.ok:
+            return result
+        if result.verified == 0:
+            return result._replace(ok=False, first_bad=anchor_seq + 1,
+                                   problem="the trail is empty although the vault exists "
+                                           "(its events were removed)")
+        # The anchor moves only with a prune, and each prune is chained:
+        # an anchor ahead of the last recorded prune means events were cut.
+        pruned = _last_prune(storage)
+        if anchor_seq != pruned:
+            return result._replace(ok=False, first_bad=anchor_seq + 1,
+                                   problem=f"events {pruned + 1} to {anchor_seq} were "
+                                           "removed without a recorded prune")
+        # The trail's newest event pins the whole state: a row written after
+        # a cut of the trail's tail, or written back, contradicts it.
+        try:
+            self._store._full_check(storage)
+        except IntegrityError:
+            return result._replace(ok=False, first_bad=result.head_seq + 1,
+                                   problem="the vault's rows do not match the state its newest "
+                                           "event records (rows written back or deleted, or "
+                                           "the trail's newest events removed)")
         return result
 
     def verify(self, checkpoint: dict[str, Any] | None = None) -> VerifyResult:
-        """Verify the chain in the vault, and against a checkpoint if given.
+        """Verify the chain in the vault, its ends, and a checkpoint if given.
 
         Raises :class:`IntegrityError` naming the first bad sequence number.
         """
@@ -104,16 +149,36 @@ class AuditTrail:
         return self._store._run("audit-verify", None, None, body)
 
     def verify_file(self, path: Path, checkpoint: dict[str, Any] | None = None) -> VerifyResult:
-        """Verify an export or archive file with this vault's key."""
+        """Verify an export or archive file with this vault's keys, both ends included."""
         header, events = read_jsonl(path)
 
         def body(storage: SQLiteStorage, note: _Note) -> VerifyResult:
             note.reason = "file"
             if header["vault_id"] != self._store._vault.vault_id.hex():
                 raise IntegrityError(f"audit file {path} belongs to another vault", "vault-id")
-            result = audit.verify(self._key(), events, int(header["anchor_seq"]),
-                                  bytes.fromhex(header["anchor_mac"]))
+            keys = self._keys(storage)
+            anchor_seq = header["anchor_seq"]
+            anchor_epoch = None
+            if header["format"] == FORMAT_2:
+                key = keys.get(header["epoch"])
+                if key is None or not hmac.compare_digest(_header_mac(key, header),
+                                                          header["header_mac"]):
+                    raise IntegrityError(f"audit file {path}: its header does not match its "
+                                         "mac (edited?)", "audit-file-header")
+            result = audit.verify(keys, events, anchor_seq, bytes.fromhex(header["anchor_mac"]),
+                                  legacy_epoch=min(keys), anchor_epoch=anchor_epoch)
             _raise_if_bad(result)
+            if header["format"] != FORMAT_2:
+                raise IntegrityError(f"audit file {path}: the chain of its {result.verified} "
+                                     "events is intact, but its header (written by "
+                                     "keyring-hardened 0.1) does not authenticate where the "
+                                     "file starts and ends; export it again",
+                                     "audit-file-ends")
+            if (result.head_seq, result.head_mac.hex(), result.verified) != (
+                    header["last_seq"], header["last_mac"], header["count"]):
+                raise IntegrityError(f"audit file {path}: it ends at event {result.head_seq}, "
+                                     f"but its header says {header['last_seq']} (cut short?)",
+                                     "audit-file-truncated")
             if checkpoint is not None:
                 _check_checkpoint_events(checkpoint, header["vault_id"], events)
             return result
@@ -151,8 +216,9 @@ class AuditTrail:
         def body(storage: SQLiteStorage, note: _Note) -> int:
             anchor_seq, anchor_mac = storage.audit_anchor()
             note.reason = str(path)
-            return _write_jsonl(path, self._header(anchor_seq, anchor_mac),
-                                storage.events(after=anchor_seq))
+            events = list(storage.events(after=anchor_seq))
+            return _write_jsonl(path, self._header(storage, anchor_seq, anchor_mac, events),
+                                events)
 
         return self._store._run("audit-export", None, None, body)
 
@@ -186,21 +252,35 @@ class AuditTrail:
             if through <= anchor_seq:
                 note.reason = f"through-{anchor_seq}"
                 return 0
+            self._store._meta(storage)  # the anchor is part of the checked state
             moved = list(storage.events(after=anchor_seq, through=through))
-            _write_jsonl(archive, self._header(anchor_seq, anchor_mac), moved)
+            _write_jsonl(archive, self._header(storage, anchor_seq, anchor_mac, moved), moved)
             storage.drop_events_through(through, moved[-1].mac)
+            self._store._touch_meta()
             note.reason = f"through-{through}"
             return len(moved)
 
-        return self._store._run("audit-prune", None, None, body, writes=True)
+        moved = self._store._run("audit-prune", None, None, body, writes=True)
+        if moved:
+            self._store._checkpoint("prune")
+        return moved
 
 
 def _last_prune(storage: SQLiteStorage) -> int:
-    """The seq through which the newest recorded prune archived (0 if none)."""
+    """The seq through which the newest recorded prune archived (0 if none).
+
+    The event is chained, so its reason was written by this code; it is
+    still parsed strictly, so that no content of the trail can crash a verify.
+    """
     event = storage.last_event("audit-prune")
-    if event is None or not (event.reason or "").startswith("through-"):
+    if event is None:
         return 0
-    return int((event.reason or "").removeprefix("through-"))
+    digits = (event.reason or "").removeprefix("through-")
+    if not (event.reason or "").startswith("through-") or not digits.isdigit() \
+            or len(digits) > 18:
+        raise IntegrityError(f"audit event {event.seq} is a prune without a valid range",
+                             f"audit-chain-{event.seq}")
+    return int(digits)
 
 
 def _raise_if_bad(result: VerifyResult) -> None:

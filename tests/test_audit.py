@@ -82,17 +82,18 @@ def test_integrity_reason_goes_to_the_audit_only(store: Store, home: Path) -> No
                " zeroblob(length(ciphertext) - 20)")
     with pytest.raises(IntegrityError) as info:
         store.get("svc", "u")
-    assert "payload" not in str(info.value)
+    assert "state-version" not in str(info.value)
     last = _events(home)[-1]
-    assert (last[2], last[5], last[7]) == ("read", "integrity", "payload-tag")
+    # The row no longer matches its digest in the authenticated state.
+    assert (last[2], last[5], last[7]) == ("read", "integrity", "state-version")
 
 
 def test_failed_write_is_undone_but_audited(store: Store, home: Path) -> None:
     store.set("svc", "u", "one")
-    _sql(home, "UPDATE credentials SET last_version = 7")  # breaks the head mac
+    _sql(home, "UPDATE credentials SET last_version = 7")  # breaks the state root
     with pytest.raises(IntegrityError):
         store.set("svc", "u", "two")
-    assert _events(home)[-1][5:8:2] == ("integrity", "head-mac")
+    assert _events(home)[-1][5:8:2] == ("integrity", "state-bucket")
     with sqlite3.connect(home / "vault.db") as conn:
         assert conn.execute("SELECT count(*) FROM secret_versions").fetchone()[0] == 1
 
@@ -152,41 +153,53 @@ def test_intact_chain_verifies(chain: Path) -> None:
     ("insert", ["UPDATE audit_events SET seq = seq + 1000 WHERE seq >= 5",
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq >= 1000",
                 "INSERT INTO audit_events SELECT 5, ts_us, actor, op, service, username, outcome,"
-                " key_version, reason, mac FROM audit_events WHERE seq = 4"], 5),
+                " key_version, reason, mac, epoch, root FROM audit_events WHERE seq = 4"],
+     # the newest event now follows another mac: every command's first check
+     "audit event 8 does not match its mac"),
     ("reorder", ["UPDATE audit_events SET seq = 100 WHERE seq = 3",
                  "UPDATE audit_events SET seq = 3 WHERE seq = 4",
                  "UPDATE audit_events SET seq = 4 WHERE seq = 100"], 3),
-    ("anchor moved", ["DELETE FROM audit_events WHERE seq <= 2",
-                      "UPDATE audit_anchor SET seq = 2, mac = zeroblob(32)"], 3),
 ])
-def test_tampering_is_detected(chain: Path, name: str, statements: list[str], bad: int) -> None:
+def test_tampering_is_detected(chain: Path, name: str, statements: list[str],
+                              bad: int | str) -> None:
     _sql(chain, *statements)
     done = _verify(chain)
     assert done.returncode == 3, done.stdout
-    assert f"audit chain broken at event {bad}" in done.stderr
+    assert (bad if isinstance(bad, str) else f"audit chain broken at event {bad}") in done.stderr
     assert len(done.stderr.splitlines()) == 1
 
 
-def test_oldest_cut_with_a_valid_anchor_is_detected(chain: Path) -> None:
+@pytest.mark.parametrize("anchor_mac", ["zero", "event 2"])
+def test_oldest_cut_with_a_moved_anchor_is_detected(chain: Path, anchor_mac: str) -> None:
+    # The anchor is part of the authenticated state: moving it, even to a
+    # real event's mac, fails every command at unlock.
     with sqlite3.connect(chain / "vault.db") as conn:
         mac = conn.execute("SELECT mac FROM audit_events WHERE seq = 2").fetchone()[0]
         conn.execute("DELETE FROM audit_events WHERE seq <= 2")
-        conn.execute("UPDATE audit_anchor SET seq = 2, mac = ?", (mac,))
-    done = _verify(chain)
-    assert done.returncode == 3
-    assert "without a recorded prune" in done.stderr
+        conn.execute("UPDATE audit_anchor SET seq = 2, mac = ?",
+                     (mac if anchor_mac == "event 2" else bytes(32),))
+    for args in (("audit", "verify"), ("get", "svc", "u1"), ("list",)):
+        done = run_cli(*args, home=chain)
+        assert done.returncode == 3, done.stderr
+        assert "authenticated state" in done.stderr
 
 
 def test_truncation_detected_against_checkpoint(chain: Path, tmp_path: Path) -> None:
+    # Cutting events that wrote something contradicts the rows (plain verify);
+    # cutting only reads leaves a whole earlier state, which a checkpoint catches.
+    for _ in range(2):
+        assert run_cli("get", "svc", "u1", home=chain).returncode == 0
     cp = tmp_path / "cp.json"
     assert run_cli("audit", "checkpoint", str(cp), home=chain).returncode == 0
-    assert json.loads(cp.read_text())["seq"] == 7
+    assert json.loads(cp.read_text())["seq"] == 9
     assert _verify(chain, "--from-checkpoint", str(cp)).returncode == 0
-    _sql(chain, "DELETE FROM audit_events WHERE seq >= 6")
-    assert _verify(chain).returncode == 0  # the rest is a valid chain...
+    _sql(chain, "DELETE FROM audit_events WHERE seq >= 8")
+    assert _verify(chain).returncode == 0  # the rest is a valid chain and state...
     done = _verify(chain, "--from-checkpoint", str(cp))
     assert done.returncode == 3  # ...but not the one the checkpoint saw
     assert "truncated" in done.stderr
+    _sql(chain, "DELETE FROM audit_events WHERE seq >= 6")  # now writes are cut too
+    assert _verify(chain).returncode == 3
 
 
 def test_checkpoint_to_stdout_and_bad_checkpoints(chain: Path, tmp_path: Path) -> None:
@@ -402,7 +415,8 @@ def test_damaged_kek_is_audited(store: Store, home: Path) -> None:
     with pytest.raises(IntegrityError):
         Store.open(home)
     last = _events(home)[-1]
-    assert (last[2], last[5], last[7]) == ("unlock", "integrity", "kek-damaged")
+    # A KEK blob edited in place no longer matches the authenticated state.
+    assert (last[2], last[5], last[7]) == ("unlock", "integrity", "state-meta")
 
 
 @pytest.fixture
@@ -480,12 +494,13 @@ def test_verify_pure_cases() -> None:
     e1 = e1._replace(mac=audit.chain_mac(key, audit.GENESIS, e1))
     e2 = Event(2, 2, "a", "read", None, None, "ok", None, None)
     e2 = e2._replace(mac=audit.chain_mac(key, e1.mac, e2))
-    assert audit.verify(key, [e1, e2]).ok
-    bad = audit.verify(key, [e2, e1])
+    keys = {1: key}
+    assert audit.verify(keys, [e1, e2], legacy_epoch=1).ok
+    bad = audit.verify(keys, [e2, e1], legacy_epoch=1)
     assert (bad.ok, bad.first_bad) == (False, 2)
-    back = audit.verify(key, [e1, e1])
+    back = audit.verify(keys, [e1, e1], legacy_epoch=1)
     assert "out of order" in (back.problem or "")
-    assert not audit.verify(b"x" * 32, [e1]).ok
+    assert not audit.verify({1: b"x" * 32}, [e1], legacy_epoch=1).ok
 
 
 def test_audit_survives_vault_reopen_in_backend(home: Path,

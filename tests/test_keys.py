@@ -76,7 +76,7 @@ def test_rewrap_detects_tampered_key(store: Store) -> None:
         conn.execute("UPDATE secret_versions SET wrapped_key = zeroblob(61)")
     from keyring_hardened.errors import IntegrityError
 
-    with pytest.raises(IntegrityError, match="service 'svc', user 'u', version 1"):
+    with pytest.raises(IntegrityError, match="version 1 of service 'svc', user 'u'"):
         store.keys.rewrap()
 
 
@@ -185,19 +185,33 @@ def test_pbkdf2_below_configured_warns(home: Path) -> None:
         assert any("700000" in w for w in s.status()["warnings"])
 
 
-def test_stale_store_cannot_rotate_after_rekey(home: Path) -> None:
+def test_rekey_revokes_the_old_keys_of_open_processes(home: Path) -> None:
+    # Key-file mode: a process opened before another's rekey takes the new key
+    # file, checked like any unlock, and goes on; it never writes under old keys.
     Store.init(home).close()
     stale = Store.open(home, config=Config(max_wraps=1))
     stale.set("svc", "a", "x")
     with Store.open(home) as other:
         other.keys.rekey()
-    with pytest.raises(LockedError, match="open it again"):
-        stale.set("svc", "b", "y")  # would wrap a new KEK under the replaced root key
+    stale.set("svc", "b", "y")
     assert stale.get("svc", "a").reveal() == "x"
+    assert stale._epoch == 2
     stale.close()
     with Store.open(home) as fresh:
-        fresh.set("svc", "b", "y")
         assert fresh.get("svc", "b").reveal() == "y"
+        fresh.trail.verify()
+
+
+def test_rekey_locks_out_open_passphrase_processes(home: Path) -> None:
+    Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=FAST_KDF).close()
+    stale = Store.open(home, passphrase=PASSPHRASE, config=FAST_KDF)
+    stale.set("svc", "a", "x")
+    with Store.open(home, passphrase=PASSPHRASE, config=FAST_KDF) as other:
+        other.keys.rekey(passphrase="another passphrase")
+    for call in (lambda: stale.get("svc", "a"), lambda: stale.set("svc", "b", "y")):
+        with pytest.raises(LockedError, match="open it again"):
+            call()
+    stale.close()
 
 
 REKEY = textwrap.dedent("""
@@ -300,12 +314,25 @@ def test_second_rekey_while_one_runs_is_refused(store: Store, home: Path) -> Non
         os.close(fd)
 
 
-def test_damaged_journal_is_removed(store: Store, home: Path) -> None:
+def test_journal_content_is_never_trusted(store: Store, home: Path) -> None:
+    # Whatever a journal says, the vault's own verifier decides: a damaged or
+    # planted journal is removed and changes no key file.
     store.close()
-    (home / "rekey.json").write_text("{not json")
+    key = (home / "master.key").read_bytes()
+    for text in ("{not json", '{"from_generation": 0, "from": "key file", "to": "passphrase"}'):
+        (home / "rekey.json").write_text(text)
+        with Store.open(home) as s:
+            assert "interrupted rekey" in s.notices[0]
+        assert not (home / "rekey.json").exists()
+        assert (home / "master.key").read_bytes() == key
+    # A planted .new key file that does not match the verifier is removed, never adopted.
+    (home / "master.key.new").write_bytes(os.urandom(32))
+    os.chmod(home / "master.key.new", 0o600)
+    (home / "rekey.json").write_text('{"from_generation": 0, "from": "key file", "to": "key file"}')
     with Store.open(home) as s:
-        assert "damaged rekey journal" in s.notices[0]
-    assert not (home / "rekey.json").exists()
+        assert "had not taken effect" in s.notices[0]
+    assert not (home / "master.key.new").exists()
+    assert (home / "master.key").read_bytes() == key
 
 
 FILL = textwrap.dedent("""

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from keyring_hardened import storage
+from keyring_hardened.audit import Event
 from keyring_hardened.config import Config
 from keyring_hardened.errors import IntegrityError, StorageError, UsageError
 from keyring_hardened.storage import SQLiteStorage
@@ -101,7 +102,8 @@ def test_create_loses_race_cleanly(db: Path) -> None:
     vault = storage.VaultRecord(b"x" * 16, 0.0, '{"algorithm": "keyfile"}', b"v", b"k", 1)
     kek = storage.KekRecord(1, "active", 0.0, b"w", 0)
     before = db.read_bytes()
-    assert SQLiteStorage.create(db, vault, kek) is False
+    event = Event(1, 0, "test", "init", None, None, "ok", 1, None, b"m", 1, b"r" * 32)
+    assert SQLiteStorage.create(db, vault, kek, event, {(255, 0): b"m" * 32}) is False
     assert db.read_bytes() == before
     assert sorted(p.name for p in db.parent.iterdir()) == ["master.key", "vault.db"]
 

@@ -97,7 +97,9 @@ CASES: dict[str, Tamper] = {
        for i in (0, 1, 12, 13, 40, -1)},
     **{f"ciphertext[{i}]": _flip("secret_versions", "ciphertext", ALICE_CURRENT, i)
        for i in (0, 1, 12, 13, -1)},
-    "head mac": _flip("credentials", "mac", "username = 'alice'", 3),
+    "head version digest": _flip("credentials", "versions_digest", "username = 'alice'", 3),
+    "head updated_at": lambda c: _exec(c, "UPDATE credentials SET updated_at = updated_at + 1"
+                                          " WHERE username = 'alice'"),
     "swap ciphertexts between credentials": _swap_ciphertexts,
     "swap versions": _swap_versions,
     "swap usernames": _swap_names,
@@ -242,7 +244,8 @@ def test_values_of_the_wrong_type_are_integrity_errors(vault: Path, statement: s
     ("UPDATE vault SET vault_id = 5", 6, 6),
     ("UPDATE keks SET wrap_count = 'many'", 3, 3),
     ("UPDATE audit_events SET ts_us = 'noon' WHERE seq = 2", 0, 3),
-    ("UPDATE audit_anchor SET seq = 'zero'", 0, 3),
+    # The anchor is part of the authenticated state, read at every unlock.
+    ("UPDATE audit_anchor SET seq = 'zero'", 3, 3),
 ])
 def test_wrong_types_in_key_and_audit_records(vault: Path, statement: str, get_code: int,
                                               verify_code: int) -> None:
