@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import audit, envelope
+from . import audit, envelope, state
 from ._files import fsync_dir, write_private
 from .envelope import DecryptFailed, Place
 from .errors import HardenedError, IntegrityError, UsageError
@@ -43,7 +43,7 @@ from .rootkey import (
 )
 from .session import _version_digest
 from .state import bucket_of
-from .storage import HeadRow, SQLiteStorage
+from .storage import SQLiteStorage, VersionRow
 
 if TYPE_CHECKING:
     from .session import Session, _Note
@@ -221,20 +221,21 @@ class KeyManager:
         def one_batch(storage: SQLiteStorage, note: _Note) -> int:
             active = store._meta(storage).active
             new = store._kek(active.version)
-            heads: dict[int, HeadRow] = {}
-            n = 0
-            for head_id, service, row in storage.rewrap_candidates(active.version, batch):
-                head = heads.get(head_id)
-                if head is None:
-                    # Only rows of a checked head, itself checked whole, are re-wrapped.
-                    head = next((h for h in store._bucket(storage, store._state(),
-                                                          bucket_of(service))
-                                 if h.id == head_id), None)
-                    if head is None:
-                        raise IntegrityError(f"a stored version of service {service!r} belongs "
-                                             "to no credential (tampered?)", "state-version")
-                    store._versions(storage, head)
-                    heads[head_id] = head
+            found = storage.rewrap_candidates(active.version, batch)
+            # Only rows of checked heads, whose version lists are checked whole,
+            # are re-wrapped; everything is read in a few queries per batch.
+            buckets = store._buckets(storage, store._state(),
+                                     {bucket_of(service) for _, service, _ in found})
+            heads = {h.id: h for hs in buckets.values() for h in hs}
+            versions = storage.versions_of({head_id for head_id, _, _ in found})
+            for head_id, rows in versions.items():
+                if head_id not in heads:
+                    raise IntegrityError("a stored version belongs to no credential "
+                                         "(tampered?)", "state-version")
+                store._check_versions(heads[head_id], rows)
+            moved: dict[tuple[int, int], VersionRow] = {}
+            for head_id, _service, row in found:
+                head = heads[head_id]
                 store._checked(head, row)
                 place = Place(store._vault.vault_id, head.service, head.username, row.version)
                 try:
@@ -245,18 +246,20 @@ class KeyManager:
                                          f"version {row.version}: integrity check failed; "
                                          "nothing in this batch was changed",
                                          f"rewrap-{exc.args[0] if exc.args else 'tag'}") from None
-                moved = row._replace(kek_version=active.version, wrapped_key=rewrapped)
-                storage.set_wrapped_key(head_id, row.version, active.version, rewrapped,
-                                        _version_digest(moved))
-                n += 1
-            for head in heads.values():
-                store._move_head(storage, head, head.current_version, head.last_version,
-                                 head.updated_at, head.expires_at)
-            storage.count_wrap(active.version, n)
-            store._touch_meta()
+                after = row._replace(kek_version=active.version, wrapped_key=rewrapped)
+                moved[(head_id, row.version)] = after._replace(digest=_version_digest(after))
+            storage.set_wrapped_keys((r.kek_version, r.wrapped_key, r.digest or b"", head_id,
+                                      r.version) for (head_id, _), r in moved.items())
+            storage.set_versions_digests(
+                (state.versions_digest([(r.version, moved.get((head_id, r.version), r).digest
+                                         or b"") for r in rows]), head_id)
+                for head_id, rows in versions.items())
+            for head_id in versions:
+                store._touch(heads[head_id].service)
+            store._count_wrap(storage, active.version, len(moved))
             note.key_version = active.version
-            note.reason = f"rewrapped-{n}"
-            return n
+            note.reason = f"rewrapped-{len(moved)}"
+            return len(moved)
 
         while True:
             n = store._run("key-rewrap", None, None, one_batch, writes=True)

@@ -36,6 +36,7 @@ event's HMAC, and the tree only has to be collision resistant.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,29 +75,32 @@ META_KEY = (255, 0)
 NodeKey = tuple[int, int]
 
 
+_PACK_Q = struct.Struct(">q").pack
+_PACK_D = struct.Struct(">d").pack
+_PACK_I = struct.Struct(">I").pack
+
+
 def _field(value: Any) -> bytes:
     """One field, typed and length-prefixed, so no two rows share an encoding."""
+    kind = type(value)
+    if kind is str:
+        data: bytes = value.encode("utf-8", "surrogatepass")
+        return b"S" + _PACK_I(len(data)) + data
+    if kind is int:
+        return b"I" + _PACK_Q(value)
+    if kind is bytes or kind is bytearray:
+        return b"B" + _PACK_I(len(value)) + bytes(value)
+    if kind is float:
+        return b"F" + _PACK_D(value)
     if value is None:
         return b"N"
-    if isinstance(value, bool):  # never stored; refuse rather than guess
-        raise TypeError("bool is not a stored type")
-    if isinstance(value, int):
-        return b"I" + struct.pack(">q", value)
-    if isinstance(value, float):
-        return b"F" + struct.pack(">d", value)
-    if isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-        return b"S" + struct.pack(">I", len(data)) + data
-    if isinstance(value, bytes | bytearray):
-        return b"B" + struct.pack(">I", len(value)) + bytes(value)
-    raise TypeError(f"cannot encode {type(value).__name__}")
+    # bool (never stored) and anything else: refuse rather than guess.
+    raise TypeError(f"cannot encode {kind.__name__}")
 
 
 def _digest(label: bytes, *fields: Any) -> bytes:
-    h = hashlib.sha256(b"kh-state-v1/" + label + b"\x00")
-    for value in fields:
-        h.update(_field(value))
-    return h.digest()
+    return hashlib.sha256(b"kh-state-v1/" + label + b"\x00"
+                          + b"".join(map(_field, fields))).digest()
 
 
 def _real(value: float | int | None) -> float | None:
@@ -187,13 +191,14 @@ def root_of(meta: bytes, top: bytes) -> bytes:
     return hashlib.sha256(b"kh-state-v1/root\x00" + meta + node_digest(top)).digest()
 
 
-def path_keys(bucket: int) -> list[tuple[NodeKey, int]]:
+@functools.lru_cache(maxsize=4096)
+def path_keys(bucket: int) -> tuple[tuple[NodeKey, int], ...]:
     """The nodes from a bucket up to the top, each with the bucket's slot in it."""
     keys = []
     for level in range(LEVELS - 1, -1, -1):
         shift = _BITS * (LEVELS - 1 - level)
         keys.append(((level, bucket >> (shift + _BITS)), (bucket >> shift) & (FANOUT - 1)))
-    return keys
+    return tuple(keys)
 
 
 def _slot(blob: bytes, slot: int) -> bytes:

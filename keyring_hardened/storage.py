@@ -473,12 +473,21 @@ class SQLiteStorage:
                                                           "version record"))))
         return found
 
-    def set_wrapped_key(self, head_id: int, version: int, kek_version: int, wrapped_key: bytes,
-                        digest: bytes) -> None:
-        """Store a re-wrapped data key and the version's new digest."""
-        self._run("UPDATE secret_versions SET kek_version = ?, wrapped_key = ?, digest = ?"
-                  " WHERE credential_id = ? AND version = ?",
-                  (kek_version, wrapped_key, digest, head_id, version))
+    def set_wrapped_keys(self, rows: Iterable[tuple[int, bytes, bytes, int, int]]) -> None:
+        """Store re-wrapped data keys: (kek_version, wrapped_key, digest, head id, version)."""
+        try:
+            self._conn.executemany("UPDATE secret_versions SET kek_version = ?, wrapped_key = ?,"
+                                   " digest = ? WHERE credential_id = ? AND version = ?", rows)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def set_versions_digests(self, rows: Iterable[tuple[bytes, int]]) -> None:
+        """Store heads' new version digests: (versions_digest, head id)."""
+        try:
+            self._conn.executemany("UPDATE credentials SET versions_digest = ? WHERE id = ?",
+                                   rows)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
 
     def set_root(self, kdf: str, verifier: bytes, vault_key: bytes, generation: int,
                  state_version: int = 1) -> None:
@@ -497,6 +506,56 @@ class SQLiteStorage:
         """Every head stored in a state bucket, in (service, username) order."""
         return [HeadRow(*_typed(r, _HEAD_TYPES, "credential record")) for r in self._rows(
             self._HEAD + " WHERE bucket = ? ORDER BY service, username", (bucket,))]
+
+    def bucket_rows(self, bucket: int) -> tuple[list[HeadRow], dict[int, list[VersionRow]]]:
+        """A bucket's heads, and the kept versions of each, in one query."""
+        heads: list[HeadRow] = []
+        versions: dict[int, list[VersionRow]] = {}
+        for r in self._rows(
+                "SELECT c.id, c.service, c.username, c.current_version, c.last_version,"
+                " c.created_at, c.updated_at, CAST(c.mac AS BLOB), c.expires_at,"
+                " CAST(c.versions_digest AS BLOB), v.version, v.kek_version,"
+                " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB), v.created_at, v.ttl,"
+                " v.expires_at, CAST(v.digest AS BLOB) FROM credentials c LEFT JOIN"
+                " secret_versions v ON v.credential_id = c.id WHERE c.bucket = ?"
+                " ORDER BY c.service, c.username, v.version", (bucket,)):
+            if not heads or heads[-1].id != r[0]:
+                heads.append(HeadRow(*_typed(r[:10], _HEAD_TYPES, "credential record")))
+                versions[r[0]] = []
+            if r[10] is not None:
+                versions[r[0]].append(VersionRow(*_typed(r[10:], _VERSION_TYPES,
+                                                         "version record")))
+        return heads, versions
+
+    def heads_in_buckets(self, buckets: Iterable[int]) -> dict[int, list[HeadRow]]:
+        """Every head of several buckets, each bucket's in (service, username) order."""
+        found: dict[int, list[HeadRow]] = {b: [] for b in buckets}
+        for chunk in _chunks(list(found)):
+            marks = ",".join("?" * len(chunk))
+            for r in self._rows(
+                    # Only the number of placeholders varies.
+                    "SELECT bucket, id, service, username, current_version, last_version,"  # noqa: S608
+                    " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
+                    f" CAST(versions_digest AS BLOB) FROM credentials WHERE bucket IN ({marks})"
+                    " ORDER BY bucket, service, username", tuple(chunk)):
+                found[r[0]].append(HeadRow(*_typed(r[1:], _HEAD_TYPES, "credential record")))
+        return found
+
+    def versions_of(self, head_ids: Iterable[int]) -> dict[int, list[VersionRow]]:
+        """The kept versions of several credentials, each oldest first."""
+        found: dict[int, list[VersionRow]] = {h: [] for h in head_ids}
+        for chunk in _chunks(list(found)):
+            marks = ",".join("?" * len(chunk))
+            for r in self._rows(
+                    # Only the number of placeholders varies.
+                    "SELECT credential_id, version, kek_version, CAST(wrapped_key AS BLOB),"  # noqa: S608
+                    " CAST(ciphertext AS BLOB), created_at, ttl, expires_at,"
+                    " CAST(digest AS BLOB) FROM secret_versions"
+                    f" WHERE credential_id IN ({marks}) ORDER BY credential_id, version",
+                    tuple(chunk)):
+                found[r[0]].append(VersionRow(*_typed(r[1:], _VERSION_TYPES,
+                                                      "version record")))
+        return found
 
     def new_head(self, service: str, username: str, bucket: int, now: float) -> HeadRow:
         """Insert the head of a credential that has never existed (no version yet)."""
@@ -604,32 +663,46 @@ class SQLiteStorage:
 
     def nodes(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Stored state nodes by (level, index); absent ones are left out."""
-        wanted = list(keys)
-        if not wanted:
-            return {}
-        where = " OR ".join("(level = ? AND idx = ?)" for _ in wanted)
-        params = tuple(v for key in wanted for v in key)
+        wanted_keys = list(keys)
         found = {}
-        for level, idx, blob in self._rows(
-                # Only placeholders vary; the text is built from a fixed fragment.
-                "SELECT level, idx, CAST(hashes AS BLOB) FROM state_nodes WHERE " + where,  # noqa: S608
-                params):
-            if not (isinstance(level, int) and isinstance(idx, int) and isinstance(blob, bytes)):
-                raise IntegrityError("a stored state node holds a value of the wrong type "
-                                     "(tampered?)", "column-type")
-            found[(level, idx)] = blob
+        if len(wanted_keys) <= 8:  # one path: one query
+            where = " OR ".join("(level = ? AND idx = ?)" for _ in wanted_keys)
+            for level, idx, blob in self._rows(
+                    # Only the number of placeholders varies.
+                    "SELECT level, idx, CAST(hashes AS BLOB) FROM state_nodes"  # noqa: S608
+                    f" WHERE {where}", tuple(v for key in wanted_keys for v in key)):
+                if not (isinstance(level, int) and isinstance(idx, int)
+                        and isinstance(blob, bytes)):
+                    raise IntegrityError("a stored state node holds a value of the wrong type "
+                                         "(tampered?)", "column-type")
+                found[(level, idx)] = blob
+            return found
+        by_level: dict[int, list[int]] = {}
+        for level, idx in wanted_keys:
+            by_level.setdefault(level, []).append(idx)
+        for level, wanted in by_level.items():
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for idx, blob in self._rows(
+                        # Only the number of placeholders varies.
+                        "SELECT idx, CAST(hashes AS BLOB) FROM state_nodes"  # noqa: S608
+                        f" WHERE level = ? AND idx IN ({marks})", (level, *chunk)):
+                    if not (isinstance(idx, int) and isinstance(blob, bytes)):
+                        raise IntegrityError("a stored state node holds a value of the wrong "
+                                             "type (tampered?)", "column-type")
+                    found[(level, idx)] = blob
         return found
 
     def put_nodes(self, nodes: Mapping[tuple[int, int], bytes | None]) -> None:
         """Store changed state nodes; None (or an all-empty node) removes one."""
+        keep = [(level, idx, blob) for (level, idx), blob in nodes.items()
+                if blob is not None and any(blob)]
+        drop = [(level, idx) for (level, idx), blob in nodes.items()
+                if blob is None or not any(blob)]
         try:
-            for (level, idx), blob in nodes.items():
-                if blob is None or not any(blob):
-                    self._conn.execute("DELETE FROM state_nodes WHERE level = ? AND idx = ?",
-                                       (level, idx))
-                else:
-                    self._conn.execute("INSERT OR REPLACE INTO state_nodes (level, idx, hashes)"
-                                       " VALUES (?, ?, ?)", (level, idx, blob))
+            self._conn.executemany("INSERT OR REPLACE INTO state_nodes (level, idx, hashes)"
+                                   " VALUES (?, ?, ?)", keep)
+            self._conn.executemany("DELETE FROM state_nodes WHERE level = ? AND idx = ?", drop)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
 
@@ -765,6 +838,12 @@ class SQLiteStorage:
         finally:
             if self._conn.in_transaction:
                 self._conn.rollback()
+
+
+def _chunks(items: list[int], size: int = 500) -> Iterator[list[int]]:
+    """Slices small enough for SQLite's limit on placeholders."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 _INSERT_EVENT = ("INSERT INTO audit_events (seq, ts_us, actor, op, service, username, outcome,"
