@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from .conftest import CANARY
+from .conftest import CANARY, run_cli
 
 # -- reading and writing back whole tables ------------------------------------
 
@@ -342,3 +343,145 @@ def test_written_back_tables_with_the_old_trail_fail_audit_verify(worked: Worked
     problems = [f"{label}: audit verify -> exit {r.code} {r.out.strip()}"
                 for label, r in zip(homes, verified, strict=True) if r.code not in detected]
     assert not problems, "\n".join(problems)
+
+
+# -- single edited rows: TTLs, KDF parameters, the newest user -----------------------
+
+
+@pytest.fixture(scope="module")
+def expired(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A credential with two versions, both expired (TTL 1s)."""
+    base = tmp_path_factory.mktemp("ttl")
+    env = clean_env(base)
+    cli_steps(base / "vault", (cmd("init"), put("t", "ttl-1", "--ttl", "1s"),
+                               put("t", "ttl-2", "--ttl", "1s")), env)
+    time.sleep(1.1)
+    return base / "vault", env
+
+
+def _fresh(home: Path) -> Path:
+    return copy_vault(home, Path(tempfile.mkdtemp(dir=home.parent)) / "v")
+
+
+def test_expired_versions_stay_expired_and_rollback_needs_allow_expired(
+        expired: tuple[Path, dict[str, str]]) -> None:
+    home, env = expired
+    copy = _fresh(home)
+    got = cli_batch([(copy, cmd("get", "svc", "t")),
+                     (copy, cmd("get", "svc", "t", "--version", "2")),
+                     (copy, cmd("get", "svc", "t", "--version", "1")),
+                     (copy, cmd("rollback", "svc", "t", "--version", "1")),
+                     (copy, cmd("rollback", "svc", "t", "--version", "1", "--allow-expired")),
+                     (copy, cmd("history", "svc", "t", "--json"))], env)
+    assert [(r.code, r.out) for r in got[:4]] == [(7, "")] * 4, got
+    assert got[4].code == 0, got[4]
+    # Revived with its TTL counted anew, not forever.
+    assert [v["expires_at"] is not None for v in json.loads(got[5].out)] == [True] * 3
+
+
+@pytest.mark.parametrize("edit", [
+    "expires_at = NULL", "expires_at = expires_at + 3153600000", "ttl = NULL", "ttl = 3153600000",
+])
+def test_edited_version_ttl_or_expiry_is_integrity_failure(
+        expired: tuple[Path, dict[str, str]], edit: str) -> None:
+    home, env = expired
+    copy = _fresh(home)
+    conn = sqlite3.connect(copy / "vault.db", isolation_level=None)
+    try:
+        conn.execute(f"UPDATE secret_versions SET {edit}")
+    finally:
+        conn.close()
+    commands = (cmd("get", "svc", "t"), cmd("get", "svc", "t", "--version", "2"),
+                cmd("get", "svc", "t", "--version", "1"),
+                cmd("rollback", "svc", "t", "--version", "1", "--allow-expired"),
+                cmd("audit", "verify"))
+    got = cli_batch([(copy, c) for c in commands], env)
+    assert [(r.code, r.out) for r in got] == [(3, "")] * len(commands), got
+
+
+PASSPHRASE_ENV = {"KEYRING_HARDENED_PASSPHRASE": "correct horse battery staple"}
+
+
+@pytest.fixture(scope="module")
+def passphrase_vault(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                     ) -> tuple[Path, dict[str, str]]:
+    base = tmp_path_factory.mktemp("kdf")
+    env = {**clean_env(base), **PASSPHRASE_ENV}
+    home = base / "vault"
+    home.mkdir(mode=0o700)
+    config = home / "config.toml"
+    config.write_text("[kdf]\nargon2_memory_kib = 19456\nargon2_iterations = 2\n"
+                      "argon2_lanes = 1\n")
+    config.chmod(0o600)
+    cli_steps(home, (cmd("init", "--passphrase", "--kdf", request.param), put("alice", CANARY)),
+              env)
+    return home, env
+
+
+def _limit_memory() -> None:
+    """Keep an 8 GiB Argon2 allocation from thrashing the machine: it fails instead."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+@pytest.mark.parametrize(("passphrase_vault", "field", "value"), [
+    ("argon2id", "iterations", 2_000_000_000), ("argon2id", "memory_kib", 8_388_608),
+    ("argon2id", "lanes", 0), ("argon2id", "salt", "00" * 8), ("argon2id", "salt", "00" * 64),
+    ("pbkdf2", "iterations", 2_000_000_000), ("pbkdf2", "salt", "00" * 8),
+], ids=["argon2id iterations 2e9", "argon2id memory 8 GiB", "argon2id lanes 0",
+        "argon2id salt 8 bytes", "argon2id salt 64 bytes", "pbkdf2 iterations 2e9",
+        "pbkdf2 salt 8 bytes"], indirect=["passphrase_vault"])
+def test_out_of_range_kdf_parameters_are_integrity_failures_not_wrong_passphrase(
+        passphrase_vault: tuple[Path, dict[str, str]], field: str, value: int | str) -> None:
+    home, env = passphrase_vault
+    vault = snapshot(home / "vault.db")["vault"]
+    kdf = json.loads(vault.rows[0][vault.columns.index("kdf")])
+    copy = _fresh(home)
+    shutil.copy2(home / "config.toml", copy / "config.toml")
+    conn = sqlite3.connect(copy / "vault.db", isolation_level=None)
+    try:
+        conn.execute("UPDATE vault SET kdf = ?", (json.dumps({**kdf, field: value}),))
+    finally:
+        conn.close()
+    try:
+        done = subprocess.run([sys.executable, "-m", "keyring_hardened", "--home", str(copy),
+                               "get", "svc", "alice"], capture_output=True, text=True, env=env,
+                              timeout=20, check=False, preexec_fn=_limit_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{kdf['algorithm']} {field} = {value}: unlock hangs")
+    assert (done.returncode, done.stdout) == (3, ""), done.stderr
+    assert "wrong passphrase" not in done.stderr.lower()
+
+
+_NEWEST = """
+from keyring_hardened.backend import HardenedKeyring
+try:
+    found = HardenedKeyring().get_credential("svc", None)
+    print(found.username, found.password)
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("attack", [
+    "UPDATE credentials SET updated_at = updated_at + 86400 WHERE username = 'older'",
+    "DELETE FROM credentials WHERE username = 'newest'",
+], ids=["older user's updated_at bumped", "newest user's head deleted"])
+def test_get_credential_without_username_never_hands_out_another_account(
+        home: Path, attack: str) -> None:
+    for user in ("older", "newest"):
+        assert run_cli("set", "svc", user, home=home, stdin=f"{user}-secret\n").returncode == 0
+
+    def newest() -> str:
+        done = subprocess.run([sys.executable, "-c", _NEWEST], capture_output=True, text=True,
+                              env={**os.environ, "KEYRING_HARDENED_HOME": str(home)},
+                              timeout=60, check=False)
+        return done.stdout.strip() + done.stderr.strip()
+
+    assert newest() == "newest newest-secret"
+    conn = sqlite3.connect(home / "vault.db", isolation_level=None)
+    try:
+        conn.execute(attack)
+    finally:
+        conn.close()
+    assert newest() == "IntegrityFailure"
+    assert run_cli("list", home=home).returncode == 3
