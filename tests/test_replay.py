@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -146,14 +147,31 @@ def clean_env(base: Path) -> dict[str, str]:
     return env
 
 
-def cli_batch(calls: Sequence[tuple[Path, Command]], env: dict[str, str]) -> list[Result]:
-    """Run ``keyring-hardened --home HOME ARGV`` for each call, in order, in one process."""
+def _drive(calls: list[tuple[Path, Command]], env: dict[str, str]) -> list[Result]:
     payload = json.dumps([[["--home", str(home), *argv], stdin] for home, (argv, stdin)
                           in calls])
     done = subprocess.run([sys.executable, "-c", _DRIVER], input=payload, capture_output=True,
                           text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return [Result(*r) for r in json.loads(done.stdout)]
+
+
+def cli_batch(calls: Sequence[tuple[Path, Command]], env: dict[str, str]) -> list[Result]:
+    """Run ``keyring-hardened --home HOME ARGV`` for each call, in order for each home.
+
+    Homes are shared out among a process per CPU (at most 4), run at once.
+    """
+    homes = list(dict.fromkeys(home for home, _ in calls))
+    workers = max(1, min(4, os.cpu_count() or 1, len(homes)))
+    share = {home: n % workers for n, home in enumerate(homes)}
+    parts: list[list[int]] = [[] for _ in range(workers)]
+    for index, (home, _) in enumerate(calls):
+        parts[share[home]].append(index)
+    with ThreadPoolExecutor(workers) as pool:
+        done = pool.map(lambda part: _drive([calls[i] for i in part], env), parts)
+        results = {i: r for part, found in zip(parts, done, strict=True)
+                   for i, r in zip(part, found, strict=True)}
+    return [results[i] for i in range(len(calls))]
 
 
 def cli_steps(home: Path, steps: Sequence[Command], env: dict[str, str]) -> None:
