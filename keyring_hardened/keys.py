@@ -250,6 +250,7 @@ class KeyManager:
                 moved[(head_id, row.version)] = after._replace(digest=_version_digest(after))
             storage.set_wrapped_keys((r.kek_version, r.wrapped_key, r.digest or b"", head_id,
                                       r.version) for (head_id, _), r in moved.items())
+            _crash_point("rewrap-mid-batch")
             storage.set_versions_digests(
                 (state.versions_digest([(r.version, moved.get((head_id, r.version), r).digest
                                          or b"") for r in rows]), head_id)

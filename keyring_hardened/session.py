@@ -1227,16 +1227,15 @@ class Session:
         older snapshot prevents. The operation stands either way; the user is
         told what remains on disk.
         """
-        delay = 0.02
-        for _ in range(8):
+        for delay in (0.0, 0.05, 0.1, 0.2, 0.4):  # about a second in all
+            time.sleep(delay)
             with self._guard() as storage:
                 if storage.checkpoint():
                     return
-            time.sleep(delay)
-            delay *= 2
-        self.notice(f"the {what} is done, but another process holding the vault open kept "
-                    f"its old data in {self.location.database}-wal; it is overwritten when "
-                    "that process closes the vault (or run: keyring-hardened status, later)")
+        self.notice(f"the {what} is done, but another process reading the vault kept the "
+                    f"deleted data's old pages in {self.location.database}-wal (and "
+                    f"{self.location.database}); they are overwritten at the next checkpoint "
+                    "after that process finishes its read (any later purge makes one)")
 
     def close(self) -> None:
         """Wipe key material (best effort) and close the database."""

@@ -255,9 +255,10 @@ def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
 class SQLiteStorage:
     """One connection to a vault database."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, busy_timeout: float = 10.0) -> None:
         self.path = path
         self._conn = conn
+        self._busy_ms = int(busy_timeout * 1000)
 
     # -- opening and creating -------------------------------------------------
 
@@ -290,7 +291,7 @@ class SQLiteStorage:
             conn = cls._connect(path, synchronous, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, path) from None
-        store = cls(path, conn)
+        store = cls(path, conn, busy_timeout)
         try:
             store._check_and_migrate()
         except sqlite3.Error as exc:
@@ -823,7 +824,13 @@ class SQLiteStorage:
         the newer pages over them and truncates it; another connection
         reading an older snapshot prevents that.
         """
-        busy, _log, _done = self._rows("PRAGMA wal_checkpoint(TRUNCATE)")[0]
+        # A reader would make the checkpoint wait the whole busy timeout; a
+        # short wait here, and the caller retries a few times instead.
+        self._rows("PRAGMA busy_timeout = 100")
+        try:
+            busy, _log, _done = self._rows("PRAGMA wal_checkpoint(TRUNCATE)")[0]
+        finally:
+            self._rows(f"PRAGMA busy_timeout = {self._busy_ms:d}")
         return int(busy) == 0
 
     @contextlib.contextmanager
