@@ -22,7 +22,6 @@ import contextlib
 import hmac
 import json
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import audit, envelope, state
 from ._files import fsync_dir, write_private
+from ._seams import crash_point as _crash_point
 from .envelope import DecryptFailed, Place
 from .errors import HardenedError, IntegrityError, UsageError
 from .location import Location
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyInfo", "KeyManager", "RewrapSummary", "recover_interrupted_rekey"]
 
-CRASH_ENV = "KEYRING_HARDENED_CRASH_AT"
 JOURNAL = "rekey.json"
 LOCK = "rekey.lock"
 
@@ -72,12 +71,6 @@ class RewrapSummary(NamedTuple):
     batches: int
     target_version: int
     seconds: float
-
-
-def _crash_point(name: str) -> None:
-    """Test hook: die here, as ``kill -9`` would, when ``KEYRING_HARDENED_CRASH_AT`` names it."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

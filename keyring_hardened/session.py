@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 from . import audit, envelope, state
+from ._seams import crash_point
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
@@ -458,6 +459,7 @@ class Session:
         else:
             create_key_file(location.key_file)
             material = read_key_file(location.key_file)
+            crash_point("create-after-key-file")
         vault_id = os.urandom(_VAULT_ID_LEN)
         root = RootKey(material, vault_id)
         now = clock()
@@ -480,6 +482,7 @@ class Session:
                 return None
         finally:
             kek.wipe()
+        crash_point("create-after-link")
         storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)

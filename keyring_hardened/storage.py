@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ._files import fsync_dir, fsync_file
+from ._seams import crash_point
 from .audit import Event
 from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
 
@@ -348,6 +349,7 @@ class SQLiteStorage:
             finally:
                 conn.close()
             fsync_file(tmp)
+            crash_point("create-before-link")
             try:
                 os.link(tmp, path)
             except FileExistsError:

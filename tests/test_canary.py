@@ -38,10 +38,17 @@ def test_canary_never_leaks(home: Path, caplog: pytest.LogCaptureFixture) -> Non
     # Tampered: integrity error, CLI output, backend exception.
     with sqlite3.connect(home / "vault.db") as conn:
         conn.execute("UPDATE secret_versions SET ciphertext = substr(ciphertext, 1, 20)")
-    for args in (("get", "svc", "u"), ("get", "svc", "u", "--version", "1"), ("list",),
-                 ("history", "svc", "u"), ("rollback", "svc", "u"), ("status",)):
+    # Every command's whole output is scanned, stdout included, and each exits
+    # with its documented code: a damaged row is exit 3 wherever it is read.
+    expected = {("get", "svc", "u"): 3, ("get", "svc", "u", "--version", "1"): 3,
+                ("list",): 0, ("history", "svc", "u"): 3, ("rollback", "svc", "u"): 3,
+                ("status",): 0}
+    for args, code in expected.items():
         done = run_cli(*args, home=home)
-        texts += [done.stdout if args[0] != "get" else "", done.stderr]
+        assert done.returncode == code, (args, done.stderr)
+        if code:
+            assert done.stdout == ""
+        texts += [done.stdout, done.stderr]
     kr = backend.HardenedKeyring().with_properties(home=str(home))
     with pytest.raises(backend.IntegrityFailure) as kinfo:
         kr.get_password("svc", "u")

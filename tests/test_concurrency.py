@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from keyring_hardened.errors import NotFoundError
 from keyring_hardened.store import Store
 
 WRITER = textwrap.dedent("""
@@ -92,28 +93,39 @@ def test_kill_9_loses_no_acknowledged_write(home: Path, after: int) -> None:
     with Store.open(home) as s:
         for i in range(acked + 1):
             assert s.get("svc-k", f"user-{i}").reveal() == f"secret-k-{i}"
-        # Whatever the kill interrupted is either whole or absent.
+        # Whatever the kill interrupted is either whole or absent: read it.
         names = {c.username for c in s.credentials()}
         assert len(names) in (acked + 1, acked + 2)
+        interrupted = f"user-{acked + 1}"
+        if interrupted in names:
+            assert s.get("svc-k", interrupted).reveal() == f"secret-k-{acked + 1}"
+        else:
+            with pytest.raises(NotFoundError):
+                s.get("svc-k", interrupted)
         s.set("svc-k", "after-crash", "fine")
         assert s.get("svc-k", "after-crash").reveal() == "fine"
 
 
-def test_kill_9_during_vault_creation(tmp_path: Path) -> None:
-    """Kill creators at random moments: a vault exists whole or not at all."""
-    for n in range(6):
-        home = tmp_path / f"v{n}"
-        proc = _spawn(WRITER, str(home), "c", "1")
-        # Let it get somewhere between nothing and done.
-        try:
-            proc.wait(timeout=0.05 * n)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        if (home / "vault.db").exists():
-            with Store.open(home) as s:
-                assert {c.username for c in s.credentials()} <= {"user-0"}
-        else:
-            # Nothing half-made blocks the next creator.
-            with Store.open(home, create=True) as s:
-                s.set("a", "b", "c")
+@pytest.mark.parametrize(("point", "made"), [
+    ("create-after-key-file", False),   # the key file exists, no database yet
+    ("create-before-link", False),      # a complete database under its temporary name
+    ("create-after-link", True),        # vault.db linked into place, never opened
+])
+def test_kill_9_during_vault_creation(tmp_path: Path, point: str, made: bool) -> None:
+    """A creator killed at each step: the vault exists whole or not at all."""
+    home = tmp_path / "vault"
+    # The child kills itself at the named step, so the kill lands there every time.
+    proc = _spawn(WRITER, str(home), "c", "1", env={"KEYRING_HARDENED_CRASH_AT": point})
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (home / "vault.db").exists() is made
+    if made:
+        with Store.open(home) as s:
+            assert s.credentials() == []
+            s.trail.verify()
+    # Nothing half-made blocks the next creator, and it reuses the key file.
+    key = (home / "master.key").read_bytes()
+    with Store.open(home, create=True) as s:
+        s.set("a", "b", "c")
+        assert s.get("a", "b").reveal() == "c"
+    assert (home / "master.key").read_bytes() == key

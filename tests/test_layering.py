@@ -70,11 +70,29 @@ def test_only_the_private_module_touches_primitives() -> None:
     assert importers <= {"envelope.py", "rootkey.py"}
 
 
+PUBLIC = {
+    "Config", "ConfigError", "CredentialInfo", "DeniedError", "ExpiredError", "HardenedError",
+    "IntegrityError", "LockedError", "NotFoundError", "RateLimitedError", "Secret",
+    "StorageError", "Store", "UsageError", "VersionInfo", "__version__",
+}
+
+
 def test_public_surface_is_exact() -> None:
-    assert sorted(keyring_hardened.__all__) == sorted(
-        n for n in keyring_hardened.__all__ if hasattr(keyring_hardened, n))
-    for name in keyring_hardened.__all__:
-        assert getattr(keyring_hardened, name) is not None
+    # The curated surface is exactly this list: adding or dropping a public
+    # name is a decision this test makes visible.
+    assert set(keyring_hardened.__all__) == PUBLIC
+    assert len(keyring_hardened.__all__) == len(PUBLIC)
+    assert dir(keyring_hardened) == sorted(PUBLIC)
+    from keyring_hardened import errors, secret, store
+
+    for name in PUBLIC - {"__version__"}:
+        value = getattr(keyring_hardened, name)
+        home = {"Secret": secret, "Store": store, "CredentialInfo": store,
+                "VersionInfo": store}.get(name)
+        if home is not None:
+            assert value is getattr(home, name)
+        elif name != "Config":
+            assert value is getattr(errors, name)
     assert "Store" in dir(keyring_hardened)
     try:
         keyring_hardened.nothing_here  # noqa: B018
