@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from keyring_hardened.config import Config
-from keyring_hardened.errors import LockedError, StorageError, UsageError
+from keyring_hardened.errors import IntegrityError, LockedError, UsageError
 from keyring_hardened.store import Store
 from keyring_hardened.testing import FrozenClock
 
@@ -74,7 +74,6 @@ def test_rewrap_detects_tampered_key(store: Store) -> None:
     store.keys.rotate()
     with sqlite3.connect(store.location.database) as conn:
         conn.execute("UPDATE secret_versions SET wrapped_key = zeroblob(61)")
-    from keyring_hardened.errors import IntegrityError
 
     with pytest.raises(IntegrityError, match="version 1 of service 'svc', user 'u'"):
         store.keys.rewrap()
@@ -110,7 +109,8 @@ def test_rolled_back_rotation_leaves_no_key_behind(home: Path) -> None:
         with sqlite3.connect(home / "vault.db") as conn:
             conn.execute("CREATE TRIGGER nope BEFORE INSERT ON secret_versions"
                          " BEGIN SELECT RAISE(ABORT, 'no'); END")
-        with pytest.raises((StorageError, Exception)):
+        # The trigger's abort is a constraint failure: reported as damage, undone whole.
+        with pytest.raises(IntegrityError, match="damaged"):
             s.set("svc", "b", "second")
         assert [k.version for k in s.keys.versions()] == [1]
         with sqlite3.connect(home / "vault.db") as conn:
@@ -481,7 +481,7 @@ def test_rekey_prompt_mismatch_changes_nothing(store: Store, home: Path,
 
     store.set("svc", "u", "x")
     store.close()
-    before = (home / "vault.db").read_bytes(), (home / "master.key").read_bytes()
+    before = _tables(home), (home / "master.key").read_bytes()
     monkeypatch.setenv("KEYRING_HARDENED_HOME", str(home))
     monkeypatch.setattr(cli, "_tty", lambda: True)
     answers = iter(["a new passphrase", "a different one"])
@@ -489,9 +489,16 @@ def test_rekey_prompt_mismatch_changes_nothing(store: Store, home: Path,
     assert cli.main(["key", "rekey", "--passphrase"]) == 2
     assert "did not match" in capsys.readouterr().err
     assert (home / "master.key").read_bytes() == before[1]
+    assert _tables(home) == before[0]  # not a row changed, not an event added
     with Store.open(home) as s:
         assert s.get("svc", "u").reveal() == "x"
         assert s.status()["mode"] == "key file"
+
+
+def _tables(home: Path) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(home / "vault.db") as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {n: conn.execute(f"SELECT * FROM {n}").fetchall() for n in names}
 
 
 def test_rewrap_progress_on_a_terminal(store: Store, home: Path,
