@@ -395,18 +395,21 @@ def test_kill_9_during_rewrap_loses_nothing(big_vault: Path, tmp_path: Path) -> 
 
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from keyring_hardened.store import Store
-    home, role, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    home, role, stop = sys.argv[1], sys.argv[2], sys.argv[4]
     errors = ops = 0
+    stamps = []
     with Store.open(home) as s:
-        end = time.time() + seconds
+        print("ready", flush=True)
         i = 0
-        while time.time() < end:
+        # Work until the test says the rewrap is over, and a little after.
+        while not os.path.exists(stop) or i < 3:
             i += 1
+            stamps.append(time.time())
             try:
                 if role == "reader":
-                    n = (i * 7919) % int(sys.argv[4])
+                    n = (i * 7919) % int(sys.argv[3])
                     if s.get(f"svc-{n}", "u").reveal() != f"secret-{n}":
                         errors += 1
                 else:
@@ -417,7 +420,7 @@ WORKER = textwrap.dedent("""
             except Exception as exc:
                 print(type(exc).__name__, exc, file=sys.stderr)
                 errors += 1
-    print(ops, errors)
+    print(ops, errors, *stamps)
 """)
 
 
@@ -427,17 +430,28 @@ def test_readers_and_writers_during_rewrap(big_vault: Path, tmp_path: Path) -> N
 
     home = tmp_path / "vault"
     shutil.copytree(big_vault, home)
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(home), role, "4", str(BIG)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = tmp_path / "stop"
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(home), role, str(BIG),
+                                 str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
                for role in ("reader", "reader", "writer")]
-    time.sleep(0.5)
+    for w in workers:  # every worker has the vault open before the rewrap starts
+        assert w.stdout is not None
+        assert w.stdout.readline() == "ready\n"
+    started = time.time()
     done = run_cli("key", "rewrap", "--batch", "500", home=home)
+    ended = time.time()
+    stop.touch()
     assert done.returncode == 0, done.stderr
+    assert "in 12 batches" in done.stderr  # the rewrap committed batch after batch
     for w in workers:
         out, err = w.communicate(timeout=120)
-        ops, errors = map(int, out.split())
-        assert errors == 0, err
-        assert ops > 0
+        ops, errors, *stamps = out.split()
+        assert int(ops) == len(stamps) - int(errors) > 0
+        assert int(errors) == 0, err
+        # The overlap the test is about: each worker's operations went on
+        # while the rewrap ran, not only before or after it.
+        assert any(started < float(t) < ended for t in stamps), (started, ended)
 
 
 def test_key_cli(home: Path) -> None:
