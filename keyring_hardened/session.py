@@ -681,7 +681,7 @@ class Session:
         tx = tx or self._state()
         if tx.meta is not None:
             return tx.meta
-        meta = Meta(storage.vault(), storage.keks(), storage.past_keys(), storage.audit_anchor())
+        meta = Meta(*storage.meta_rows())
         self._path_nodes(storage, tx, [])
         digest = _meta_digest(meta)
         if digest != tx.nodes[state.META_KEY] or state.root_of(digest, tx.nodes[(0, 0)]) \
@@ -744,7 +744,7 @@ class Session:
         meta_digest = tx.nodes[state.META_KEY]
         if tx.meta_dirty:
             meta = tx.meta if tx.meta is not None and tx.meta_exact else Meta(
-                storage.vault(), storage.keks(), storage.past_keys(), storage.audit_anchor())
+                *storage.meta_rows())
             meta_digest = _meta_digest(meta)
             changed[state.META_KEY] = meta_digest
             tx.meta = meta
@@ -1184,8 +1184,7 @@ class Session:
                 buckets.setdefault(state.bucket_of(h.service), []).append(_head_leaf(h))
             nodes: dict[state.NodeKey, bytes] = dict(state.update_paths(
                 {b: state.bucket_digest(leaves) for b, leaves in buckets.items()}, {}))
-            meta = _meta_digest(Meta(storage.vault(), storage.keks(), storage.past_keys(),
-                                     storage.audit_anchor()))
+            meta = _meta_digest(Meta(*storage.meta_rows()))
             storage.clear_nodes()
             storage.put_nodes({**nodes, state.META_KEY: meta})
             event = audit.Event(result.head_seq + 1, int(self._clock() * 1_000_000), self.actor,

@@ -416,6 +416,30 @@ class SQLiteStorage:
             "SELECT version, state, created_at, CAST(wrapped AS BLOB), wrap_count FROM keks"
             " ORDER BY version")]
 
+    def meta_rows(self) -> tuple[VaultRecord, list[KekRecord], list[tuple[int, bytes]],
+                                 tuple[int, bytes]]:
+        """The vault record, KEKs, past vault keys and audit anchor, in one query."""
+        rows = self._rows(
+            "SELECT 0, CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB),"
+            " CAST(vault_key AS BLOB), generation, state_version FROM vault WHERE id = 1"
+            " UNION ALL SELECT 1, version, state, created_at, CAST(wrapped AS BLOB), wrap_count,"
+            " NULL, NULL FROM keks"
+            " UNION ALL SELECT 2, epoch, CAST(wrapped AS BLOB), NULL, NULL, NULL, NULL, NULL"
+            " FROM vault_keys"
+            " UNION ALL SELECT 3, seq, CAST(mac AS BLOB), NULL, NULL, NULL, NULL, NULL"
+            " FROM audit_anchor WHERE id = 1 ORDER BY 1, 2")
+        vaults = [VaultRecord(*_typed(r[1:], _VAULT_TYPES, "vault record"))
+                  for r in rows if r[0] == 0]
+        keks = [KekRecord(*_typed(r[1:6], _KEK_TYPES, "key record")) for r in rows if r[0] == 1]
+        past = [_typed(r[1:3], (int, bytes), "vault key record") for r in rows if r[0] == 2]
+        anchors = [_typed(r[1:3], (int, bytes), "audit anchor") for r in rows if r[0] == 3]
+        if not vaults:
+            raise IntegrityError(f"vault database {self.path} has no vault record; "
+                                 "restore it from a backup")
+        if not anchors:
+            raise IntegrityError("audit anchor is missing", "audit-anchor")
+        return vaults[0], keks, [(e, w) for e, w in past], (anchors[0][0], anchors[0][1])
+
     def add_kek(self, record: KekRecord) -> None:
         """Store a new KEK version."""
         self._run("INSERT INTO keks (version, state, created_at, wrapped, wrap_count)"
