@@ -115,12 +115,27 @@ def bucket_of(service: str) -> int:
     return int.from_bytes(digest.digest()[:2], "big")
 
 
+_VERSION_LABEL = b"kh-state-v1/version\x00"
+_HEAD_LABEL = b"kh-state-v1/head\x00"
+
+
+def _opt_real(value: float | int | None) -> bytes:
+    return b"N" if value is None else b"F" + _PACK_D(float(value))
+
+
 def version_digest(version: int, kek_version: int, wrapped_key: bytes, ciphertext: bytes,
                    created_at: float, ttl: float | None, expires_at: float | None,
                    extra: bytes | None = None) -> bytes:
-    """The digest of one stored version's columns (TTL and expiry included)."""
-    return _digest(b"version", version, kek_version, wrapped_key, ciphertext,
-                   _real(created_at), _real(ttl), _real(expires_at), extra)
+    """The digest of one stored version's columns (TTL and expiry included).
+
+    The same bytes as ``_digest(b"version", ...)`` of the fields, written out
+    for speed: every read and every rewrap computes it.
+    """
+    return hashlib.sha256(b"".join((
+        _VERSION_LABEL, b"I", _PACK_Q(version), b"I", _PACK_Q(kek_version),
+        b"B", _PACK_I(len(wrapped_key)), wrapped_key, b"B", _PACK_I(len(ciphertext)), ciphertext,
+        b"F", _PACK_D(float(created_at)), _opt_real(ttl), _opt_real(expires_at),
+        _field(extra)))).digest()
 
 
 def versions_digest(pairs: Iterable[tuple[int, bytes]]) -> bytes:
@@ -134,9 +149,14 @@ def versions_digest(pairs: Iterable[tuple[int, bytes]]) -> bytes:
 def head_leaf(head_id: int, service: str, username: str, current: int | None, last: int,
               created_at: float, updated_at: float, expires_at: float | None,
               versions: bytes | None, mac: bytes, extra: bytes | None = None) -> bytes:
-    """The digest of one credential head row."""
-    return _digest(b"head", head_id, service, username, current, last, _real(created_at),
-                   _real(updated_at), _real(expires_at), versions, mac, extra)
+    """The digest of one credential head row (the bytes ``_digest(b"head", ...)`` gives)."""
+    svc = service.encode("utf-8", "surrogatepass")
+    user = username.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"".join((
+        _HEAD_LABEL, b"I", _PACK_Q(head_id), b"S", _PACK_I(len(svc)), svc,
+        b"S", _PACK_I(len(user)), user, _field(current), b"I", _PACK_Q(last),
+        b"F", _PACK_D(float(created_at)), b"F", _PACK_D(float(updated_at)),
+        _opt_real(expires_at), _field(versions), _field(mac), _field(extra)))).digest()
 
 
 def vault_leaf(vault_id: bytes, created_at: float, kdf: str, verifier: bytes,

@@ -237,3 +237,12 @@ def test_usage_errors_before_the_vault_is_touched(store: Store) -> None:
     for bad in (0, -1, True, 2**63):
         with pytest.raises(UsageError):
             store.get("svc", "u", version=bad)
+
+
+def test_fast_digests_equal_the_generic_encoding() -> None:
+    for ttl, expires in ((None, None), (60, 1e9), (1.5, None)):
+        assert state.version_digest(3, 2, b"wk", b"ct", 5, ttl, expires) == state._digest(
+            b"version", 3, 2, b"wk", b"ct", 5.0, state._real(ttl), state._real(expires), None)
+    for current in (None, 4):
+        assert state.head_leaf(1, "svc", "ü", current, 4, 1, 2.5, None, b"d", b"") == \
+            state._digest(b"head", 1, "svc", "ü", current, 4, 1.0, 2.5, None, b"d", b"", None)
