@@ -180,7 +180,7 @@ def read_trusted(path: Path, what: str, limit: int = SMALL_FILE_LIMIT, *,
     return b"".join(chunks)
 
 
-def write_private(path: Path, lines: Iterable[str], what: str = "file") -> int:
+def write_private(path: Path, lines: Iterable[str]) -> int:
     """Write ``lines`` to ``path``, mode 0600 whatever the umask, replacing it atomically.
 
     A reader sees the old file or the whole new one, never a part; after a
@@ -200,9 +200,9 @@ def write_private(path: Path, lines: Iterable[str], what: str = "file") -> int:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise UsageError(f"cannot write {what} {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     else:  # pragma: no cover - 100 collisions of 64 random bits
-        raise UsageError(f"cannot write {what} {path}: no free temporary name")
+        raise UsageError(f"cannot write {path}: no free temporary name")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -215,11 +215,11 @@ def write_private(path: Path, lines: Iterable[str], what: str = "file") -> int:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UsageError(f"cannot write {what} {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     except UnicodeEncodeError:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UsageError(f"cannot write {what} {path}: text that is not valid UTF-8 "
+        raise UsageError(f"cannot write {path}: text that is not valid UTF-8 "
                          "(an undecodable name?)") from None
     except BaseException:
         with contextlib.suppress(OSError):

@@ -83,7 +83,16 @@ def _rekey_lock(home: Path, wait: bool) -> Iterator[bool]:
     except ImportError:  # pragma: no cover - not POSIX
         yield True
         return
-    fd = os.open(home / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    from ._files import open_trusted
+    from .errors import StorageError
+
+    try:
+        # Trusted like the journal: not a link (it would create or lock a file
+        # elsewhere), not a FIFO (no hang), yours or root's, nobody else can write.
+        fd = open_trusted(home / LOCK, "rekey lock", flags=os.O_RDWR | os.O_CREAT,
+                          private=False)
+    except OSError as exc:
+        raise StorageError(f"rekey lock {home / LOCK} cannot be opened: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -108,12 +117,17 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
     removed. Returns a sentence for the user, or None when a rekey is still
     running in another process.
     """
+    from ._files import read_trusted
+
     journal = location.home / JOURNAL
     with _rekey_lock(location.home, wait=False) as held:
         if not held:
             return None
         try:
-            doc = json.loads(journal.read_text("utf-8"))
+            # A journal decides which key file survives: only a trusted one (a
+            # small regular file, yours or root's, nobody else can write) is read.
+            doc = json.loads(read_trusted(journal, "rekey journal",
+                                          private=False).decode("utf-8"))
             before, target = int(doc["from_generation"]), str(doc["to"])
             old_mode = str(doc["from"])
         except FileNotFoundError:
