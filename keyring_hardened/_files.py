@@ -191,6 +191,18 @@ def write_private(path: Path, lines: Iterable[str]) -> int:
     caller chose it.
     """
     count = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    else:
+        # Replacing a regular file or a link (the link itself, not its target)
+        # is what was asked; renaming over a device, FIFO or socket would
+        # destroy a node that is not ours to remove (think /dev/zero as root).
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise UsageError(f"cannot write {path}: not a regular file")
     for _attempt in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         try:

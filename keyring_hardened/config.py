@@ -273,7 +273,7 @@ def _read(path: Path, required: bool, report: list[str] | None = None) -> bytes 
         # it must be yours (or root's) and writable by nobody else. Others
         # may read it: it names programs and paths, never a secret.
         return read_trusted(path, "config file", CONFIG_LIMIT, private=False, report=report)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder on the way is missing or a file
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
         return None
