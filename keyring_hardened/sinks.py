@@ -69,6 +69,8 @@ class Sinks:
                 # localhost: that would send the trail unauthenticated to
                 # whatever listens on port 514, and report success.
                 try:
+                    if not os.path.exists(SYSLOG_SOCKET):
+                        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
                     logger.addHandler(_Handler(address=SYSLOG_SOCKET,
                                                facility=SysLogHandler.LOG_AUTH))
                 except OSError as exc:

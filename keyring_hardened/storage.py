@@ -220,11 +220,11 @@ def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return StorageError(f"vault database {path} is busy: another process held it "
                             "longer than the busy timeout; try again")
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM")) \
-            or "readonly" in text or "unable to open" in text:
-        culprit = _culprit(path)
-        if culprit:
-            return StorageError(culprit)
+    # Read-only, cannot-open, I/O and locking-protocol errors (a read-only
+    # -shm gives SQLITE_PROTOCOL): name the file that causes it, if one does.
+    culprit = _culprit(path)
+    if culprit:
+        return StorageError(culprit)
     return StorageError(f"vault database {path}: {name or type(exc).__name__}: {text}")
 
 
