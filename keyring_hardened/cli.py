@@ -295,7 +295,10 @@ def _trust_problems(location: Any) -> list[str]:
     from ._files import trust_problems
     from .location import home_problems
 
-    problems = home_problems(location.home)
+    nearest = location.home
+    while not os.path.lexists(nearest) and nearest.parent != nearest:
+        nearest = nearest.parent  # a home not made yet: check where it would be made
+    problems = home_problems(nearest, leaf_is_home=nearest == location.home)
     db = location.database
     files = [(location.key_file, "key file", True), (db, "vault database", True),
              (Path(f"{db}-wal"), "vault database file", True),
