@@ -374,3 +374,43 @@ def test_missing_key_file_stays_locked(store: Store, home: Path) -> None:
     (home / "master.key").unlink()
     with pytest.raises(LockedError, match="no key file"):
         Store.open(home)
+
+
+# -- helpers' failure paths -----------------------------------------------------------
+
+
+def test_write_private_failures_are_usage_errors(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyring_hardened.errors import UsageError
+
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        _files.write_private(tmp_path / "out", ["bad \udcff name"])
+    with pytest.raises(UsageError, match="cannot write"):
+        _files.write_private(tmp_path / "missing" / "out", ["x"])
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UsageError, match="No space left"):
+        _files.write_private(tmp_path / "out", ["x"])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left behind
+
+
+def test_culprit_names_the_stale_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyring_hardened import storage
+
+    db = tmp_path / "vault.db"
+    db.write_bytes(b"")
+    wal = Path(f"{db}-wal")
+    wal.write_bytes(b"x")
+    os.chmod(wal, 0o444)
+    real_access = os.access
+
+    def access(path: object, mode: int) -> bool:  # root passes every check: pretend a user
+        return False if str(path) == str(wal) else real_access(path, mode)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "access", access)
+    assert "vault.db-wal is not writable (mode 0444" in (storage._culprit(db) or "")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert "vault folder" in (storage._culprit(db) or "")
