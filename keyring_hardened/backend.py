@@ -10,9 +10,13 @@ loads on first use.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
+import logging
+import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from jaraco.classes import properties
@@ -25,6 +29,8 @@ from .location import Location
 
 if TYPE_CHECKING:
     from .store import Store
+
+log = logging.getLogger("keyring_hardened")
 
 __all__ = [
     "AccessDenied",
@@ -100,10 +106,75 @@ def _translate(exc: errors.HardenedError) -> kerrors.KeyringError:
     return HardenedKeyringError(str(exc))
 
 
+def _from_os(exc: OSError) -> StorageFailure:
+    """An OS error that escaped the core, as the storage failure it is, naming the path."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return StorageFailure(f"{where}{exc.strerror or type(exc).__name__}")
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Let only KeyringError subclasses out, as the contract says: never a bare OSError.
+
+    keyring's own errors (``PasswordDeleteError``) pass as they are. An
+    unexpected exception (a bug) becomes a ``HardenedKeyringError`` naming
+    only its type: its text could hold anything, a secret included.
+    """
+    try:
+        yield
+    except kerrors.KeyringError:
+        raise
+    except errors.HardenedError as exc:
+        raise _translate(exc) from None
+    except OSError as exc:
+        raise _from_os(exc) from None
+    except Exception as exc:
+        if os.environ.get("KEYRING_HARDENED_DEBUG", "0") not in ("", "0"):
+            raise
+        raise HardenedKeyringError(f"internal error ({type(exc).__name__}); set "
+                                   "KEYRING_HARDENED_DEBUG=1 for the cause") from None
+
+
+def _interactive() -> bool:
+    """Whether a person can be prompted: stdin exists, is open and is a terminal.
+
+    ansible-core 2.19 runs lookups with stdin *closed*, and daemons may have
+    none at all (``sys.stdin is None``): both mean "no prompt", never a crash.
+    """
+    stdin = sys.stdin
+    try:
+        return stdin is not None and not stdin.closed and stdin.isatty()
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def _prompt() -> str:
     import getpass  # only when a person is asked
 
     return getpass.getpass("keyring-hardened passphrase: ")
+
+
+def _is_keyring_cli() -> bool:
+    """Whether this process is the ``keyring`` command (where stderr is for people)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    path = argv0.replace("\\", "/")
+    return os.path.basename(path) in ("keyring", "keyring.exe") \
+        or path.endswith(("keyring/__main__.py", "keyring/cli.py"))
+
+
+def _created_notice(location: Location) -> None:
+    """Say once, when a ``set`` made the vault, that it exists now and needs its key backed up.
+
+    The ``keyring`` command prints it on stderr, as ``init`` would; an
+    application hears it through logging only (logger ``keyring_hardened``,
+    level INFO), so nothing unasked appears in its output.
+    """
+    text = (f"created a new key-file vault at {location.home} (the first set made it, as "
+            f"init would); back up {location.key_file}: without it the vault cannot be opened")
+    if _is_keyring_cli():
+        sys.stderr.write(f"keyring-hardened: note: {text}\n")
+    else:
+        log.info(text)
 
 
 #: Unlocked stores of this process, by vault location: one unlock (one KDF
@@ -146,16 +217,21 @@ class HardenedKeyring(KeyringBackend):
         for module in ("sqlite3", "cryptography"):
             if importlib.util.find_spec(module) is None:
                 raise RuntimeError(f"{module} is not installed")
-        location = Location.resolve()
-        if not location.database.exists():
-            return 0.9
-        if location.config_file.exists():
-            from .config import load_config
+        # Runs in every process that lists backends: it must neither raise
+        # (an unreadable home) nor hang (a FIFO at the config path; the config
+        # is read through the trusted, non-blocking open).
+        try:
+            location = Location.resolve()
+            if not os.path.lexists(location.database):
+                return 0.9
+            if os.path.lexists(location.config_file):
+                from .config import load_config
 
-            try:
                 return load_config(location.config_file).backend_priority
-            except errors.ConfigError:
-                pass  # reported on first use, where the user sees it
+        except errors.HardenedError:
+            pass  # reported on first use, where the user sees it
+        except OSError:
+            return 0.9
         return 9.5
 
     def _store(self, create: bool) -> Store | None:
@@ -166,56 +242,53 @@ class HardenedKeyring(KeyringBackend):
                 return store
             from .store import Store
 
-            prompt = _prompt if sys.stdin is not None and sys.stdin.isatty() else None
+            prompt = _prompt if _interactive() else None
+            existed = create and os.path.lexists(location.database)
             try:
                 store = Store.open(location.home, prompt=prompt, create=create)
             except errors.NotFoundError:
                 return None
             _stores[location] = store
+            if create and not existed:
+                _created_notice(location)
             return store
 
     def get_password(self, service: str, username: str) -> str | None:
         """Return the secret, or None only when the credential does not exist."""
-        try:
-            store = self._store(create=False)
-            if store is None:
+        with _errors():
+            try:
+                store = self._store(create=False)
+                if store is None:
+                    return None
+                return store.get(service, username).reveal()
+            except errors.NotFoundError:
                 return None
-            return store.get(service, username).reveal()
-        except errors.NotFoundError:
-            return None
-        except errors.HardenedError as exc:
-            raise _translate(exc) from None
 
     def set_password(self, service: str, username: str, password: str) -> None:
         """Store a new version of the credential (creating the vault if needed)."""
-        try:
+        with _errors():
             store = self._store(create=True)
             assert store is not None  # noqa: S101 - create=True never answers None
             store.set(service, username, password)
-        except errors.HardenedError as exc:
-            raise _translate(exc) from None
 
     def delete_password(self, service: str, username: str) -> None:
         """Delete the credential; raise PasswordDeleteError when it does not exist."""
-        try:
-            store = self._store(create=False)
-            if store is None:
-                raise kerrors.PasswordDeleteError("no such credential")
-            store.delete(service, username)
-        except errors.NotFoundError:
-            raise kerrors.PasswordDeleteError("no such credential") from None
-        except errors.HardenedError as exc:
-            raise _translate(exc) from None
+        with _errors():
+            try:
+                store = self._store(create=False)
+                if store is None:
+                    raise kerrors.PasswordDeleteError("no such credential")
+                store.delete(service, username)
+            except errors.NotFoundError:
+                raise kerrors.PasswordDeleteError("no such credential") from None
 
     def get_credential(self, service: str, username: str | None
                        ) -> credentials.Credential | None:
         """Return a credential for ``service`` (any username when None), or None."""
         if username is None:
-            try:
+            with _errors():
                 store = self._store(create=False)
                 names = store.usernames(service) if store is not None else []
-            except errors.HardenedError as exc:
-                raise _translate(exc) from None
             if not names:
                 return None
             username = names[0]

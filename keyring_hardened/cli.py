@@ -9,6 +9,7 @@ exit code of its class (see :mod:`keyring_hardened.errors`).
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .errors import HardenedError, UsageError
+from .errors import HardenedError, StorageError, UsageError
 
 PROG = "keyring-hardened"
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, reported without a traceback
@@ -39,8 +40,85 @@ def _stamp(ts: float | None) -> str:
 
 
 def _shown(name: str) -> str:
-    """A name as a terminal may show it: control characters escaped."""
+    """A name as a terminal may show it: control characters escaped.
+
+    ``isprintable`` is False for C0 and C1 controls (ANSI escape sequences),
+    bidi overrides and other format characters, line separators and lone
+    surrogates, so each of those is shown escaped, never sent raw.
+    """
     return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
+def _cell(value: str | None) -> str:
+    """A table cell: ``-`` for none, else :func:`_shown`."""
+    return "-" if value is None else _shown(value)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:  # JSON spells these as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def _json(doc: Any) -> str:
+    """JSON for stdout: UTF-8 kept readable, but no raw control or format character.
+
+    ``ensure_ascii=False`` lets C1 controls, bidi overrides, line separators
+    and lone surrogates through raw; each is escaped here as a JSON ``u`` escape
+    (valid JSON: they can only occur inside strings).
+    """
+    text = json.dumps(doc, ensure_ascii=False)
+    return "".join(c if c.isprintable() or c == " " else _escaped(c) for c in text)
+
+
+def _one_line(text: str) -> str:
+    """A message made safe for a terminal: every non-printable character escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _debug() -> bool:
+    """``KEYRING_HARDENED_DEBUG``: on unless unset, empty, 0, false, no or off."""
+    value = os.environ.get("KEYRING_HARDENED_DEBUG", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
+def _int_arg(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``lo`` to ``hi`` (SQLite holds up to 2^63-1)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # also a string of more digits than int() takes
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}")
+        return value
+    return parse
+
+
+_MAX_INT = 2**62
+_count = _int_arg(1, _MAX_INT)
+
+
+def _out_path(text: str, what: str) -> Any:
+    """An output path argument; refused (exit 2) unless it is UTF-8 text.
+
+    The path goes into the audit event's reason and the export's lines,
+    which are UTF-8: an undecodable name could be written but not audited.
+    """
+    from pathlib import Path
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {_one_line(text)!s}: the path is not valid UTF-8; "
+                         "choose a name that is") from None
+    return Path(text)
 
 
 def _table(rows: list[list[str]], out: TextIO) -> None:
@@ -61,7 +139,12 @@ def _prompt_new() -> str:
 
 
 def _tty() -> bool:
-    return sys.stdin is not None and sys.stdin.isatty()
+    """Whether stdin is an open terminal (a closed or absent stdin is not)."""
+    stdin = sys.stdin
+    try:
+        return stdin is not None and not stdin.closed and stdin.isatty()
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 #: Stores this command opened, whose later notices are printed when it ends.
@@ -89,12 +172,13 @@ def _read_secret(args: argparse.Namespace) -> str:
         if getpass.getpass("Repeat secret: ") != first:
             raise UsageError("the two entries did not match; nothing was stored")
         return first
-    if sys.stdin is None:
+    if sys.stdin is None or sys.stdin.closed:
         raise UsageError("no secret: stdin is closed (pipe the secret in, or run on a terminal)")
     try:
         data = sys.stdin.buffer.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read the secret from stdin: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError("cannot read the secret from stdin: "
+                         f"{getattr(exc, 'strerror', None) or 'closed'}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,12 +216,15 @@ def cmd_set(args: argparse.Namespace) -> int:
     from .config import parse_duration
     from .location import Location
 
-    ttl = parse_duration(args.ttl, "--ttl") if args.ttl else None
+    # "is not None": an empty --ttl is a mistake to refuse, not "never expires".
+    ttl = parse_duration(args.ttl, "--ttl") if args.ttl is not None else None
     secret = _read_secret(args)
-    existed = Location.resolve(args.home).database.exists()
+    existed = os.path.lexists(Location.resolve(args.home).database)
     with _open(args, create=True) as store:
         if not existed:
-            sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}\n")
+            sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}; "
+                             f"back up {store.location.key_file}: without it the vault cannot "
+                             "be opened\n")
         version = store.set(args.service, args.username, secret, ttl=ttl)
     if args.verbose:
         sys.stderr.write(f"stored version {version}\n")
@@ -164,10 +251,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as store:
         items = store.credentials()
     if args.json:
-        json.dump([{"service": c.service, "username": c.username, "version": c.version,
-                    "updated_at": _stamp(c.updated_at)} for c in items],
-                  sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(_json([{"service": c.service, "username": c.username,
+                                 "version": c.version, "updated_at": _stamp(c.updated_at)}
+                                for c in items]) + "\n")
     elif items:
         _table([["SERVICE", "USERNAME", "VERSION", "UPDATED"]]
                + [[_shown(c.service), _shown(c.username), str(c.version), _stamp(c.updated_at)]
@@ -180,11 +266,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     with _open(args) as store:
         versions = store.history(args.service, args.username)
     if args.json:
-        json.dump([{"version": v.version, "key_version": v.kek_version,
-                    "created_at": _stamp(v.created_at), "current": v.current,
-                    "expires_at": _stamp(v.expires_at) if v.expires_at else None}
-                   for v in versions], sys.stdout)
-        sys.stdout.write("\n")
+        sys.stdout.write(_json([{"version": v.version, "key_version": v.kek_version,
+                                 "created_at": _stamp(v.created_at), "current": v.current,
+                                 "expires_at": _stamp(v.expires_at) if v.expires_at else None}
+                                for v in versions]) + "\n")
     else:
         _table([["VERSION", "KEY", "CREATED", "EXPIRES", ""]]
                + [[str(v.version), str(v.kek_version), _stamp(v.created_at),
@@ -212,27 +297,85 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exists(path: Any) -> bool:
+    """Whether ``path`` exists; an unreadable folder is a storage error naming it, not False."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"{path} cannot be checked: {exc.strerror}") from None
+    return True
+
+
+def _trust_problems(location: Any) -> list[str]:
+    """Every trust problem of a vault's home and files, for ``status`` and ``config check``."""
+    import stat as st_mod
+    from pathlib import Path
+
+    from ._files import trust_problems
+    from .location import home_problems
+
+    nearest = location.home
+    while not os.path.lexists(nearest) and nearest.parent != nearest:
+        nearest = nearest.parent  # a home not made yet: check where it would be made
+    problems = home_problems(nearest, leaf_is_home=nearest == location.home)
+    db = location.database
+    files = [(location.key_file, "key file", True), (db, "vault database", True),
+             (Path(f"{db}-wal"), "vault database file", True),
+             (Path(f"{db}-shm"), "vault database file", True),
+             (location.home / "rekey.json", "rekey journal", False),
+             (location.home / "rekey.lock", "rekey lock", False)]
+    for path, what, private in files:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{what} {path} cannot be checked: {exc.strerror}")
+            continue
+        if st_mod.S_ISLNK(st.st_mode):
+            problems.append(f"{what} {path} is a symbolic link; refusing to follow it")
+        else:
+            problems.extend(trust_problems(st, path, what, private=private))
+    return problems
+
+
+def _report(problems: list[str]) -> int:
+    for problem in problems:
+        sys.stderr.write(f"{PROG}: error: {_one_line(problem)}\n")
+    return 2
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show where the vault is and what it holds (no secrets)."""
+    """Show where the vault is, how it was made and what it holds (no secrets)."""
     from .location import Location
 
     location = Location.resolve(args.home)
-    if not location.database.exists():
+    problems = _trust_problems(location)
+    if problems:
+        return _report(problems)
+    if not _exists(location.database):
         if args.json:
-            print(json.dumps({"home": str(location.home), "exists": False}))
+            print(_json({"home": str(location.home), "exists": False}))
         else:
             print(f"home: {location.home}\nvault: none (run: {PROG} init)")
         return 0
     with _open(args) as store:
         info = store.status()
+        made = store.trail.show(op="init", limit=1)
     info["exists"] = True
+    # Who made the vault: "init" by keyring-hardened, or the first set of an
+    # app or the keyring command, which makes a key-file vault silently.
+    info["created_by"] = made[0].actor if made else None
     if args.json:
-        print(json.dumps(info))
+        print(_json(info))
         return 0
     print(f"home: {info['home']}")
     print(f"mode: {info['mode']}" + (f" ({info['key_file']})" if info["key_file"] else ""))
     print(f"kdf: {info['kdf']}")
-    print(f"created: {_stamp(info['created_at'])}")
+    by = f" by {_shown(info['created_by'])}" if info["created_by"] else ""
+    print(f"created: {_stamp(info['created_at'])}{by}")
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")
     print(f"audit events: {info['audit_events']}")
@@ -247,33 +390,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"schema: {', '.join(info['schema'])}")
     print(f"config: {info['config'] or 'defaults (no config file)'}")
     for warning in info["warnings"]:
-        sys.stderr.write(f"{PROG}: warning: {warning}\n")
+        sys.stderr.write(f"{PROG}: warning: {_one_line(warning)}\n")
     return 0
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Validate the config file; exit 2 naming the bad key."""
-    from .config import load_config
+    """Validate the config file and the trust of the vault's files; list every problem."""
+    from .config import check_config
     from .location import Location
 
     location = Location.resolve(args.home)
-    config = load_config(location.config_file, location.config_required)
-    if config.path is None:
+    config, problems = check_config(location.config_file, location.config_required)
+    problems = _trust_problems(location) + problems
+    if problems:
+        return _report(problems)
+    if config is None:
         print(f"no config file at {location.config_file}: defaults apply")
     else:
         print(f"config file {config.path}: OK")
     return 0
 
 
+#: A checkpoint is one short JSON line.
+_CHECKPOINT_LIMIT = 64 * 1024
+
+
 def _read_checkpoint(path: str | None) -> dict[str, Any] | None:
     if path is None:
         return None
+    from pathlib import Path
+
+    from ._files import read_trusted
+
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
-        doc = json.loads(text)
+        if path == "-":
+            raw = sys.stdin.buffer.read(_CHECKPOINT_LIMIT + 1)
+            if len(raw) > _CHECKPOINT_LIMIT:
+                raise UsageError(f"checkpoint on stdin is larger than {_CHECKPOINT_LIMIT} bytes")
+        else:
+            # No link, FIFO or device; capped; nobody else may have written it.
+            raw = read_trusted(Path(path), "checkpoint", _CHECKPOINT_LIMIT, private=False)
+        doc = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise UsageError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, AttributeError):  # also UnicodeDecodeError; closed stdin
         raise UsageError(f"checkpoint {path} is not JSON") from None
     if not isinstance(doc, dict):
         raise UsageError(f"checkpoint {path} is not a keyring-hardened audit checkpoint")
@@ -302,11 +462,9 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
         doc = store.trail.checkpoint()
     text = json.dumps(doc) + "\n"
     if args.file and args.file != "-":
-        from pathlib import Path
-
         from ._files import write_private
 
-        write_private(Path(args.file), [text.rstrip("\n")])
+        write_private(_out_path(args.file, "checkpoint"), [text.rstrip("\n")])
         sys.stderr.write(f"checkpoint at event {doc['seq']} written to {args.file}\n")
     else:
         sys.stdout.write(text)
@@ -318,45 +476,42 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     from .audit import parse_since
 
     since = parse_since(args.since, time.time()) if args.since else None
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be a positive integer")
     with _open(args) as store:
         events = store.trail.show(since=since, service=args.service, actor=args.actor,
                                   op=args.op, limit=args.limit)
     if args.json:
         for e in events:
-            sys.stdout.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
+            sys.stdout.write(_json(e.to_json()) + "\n")
     elif events:
+        # Every cell escaped: the reason of an export holds a path someone chose.
         _table([["TIME", "ACTOR", "OP", "SERVICE", "USERNAME", "OUTCOME", "KEY", "REASON"]]
-               + [[_stamp(e.ts_us / 1_000_000), _shown(e.actor), e.op,
-                   _shown(e.service) if e.service is not None else "-",
-                   _shown(e.username) if e.username is not None else "-", e.outcome,
-                   str(e.key_version) if e.key_version is not None else "-", e.reason or ""]
+               + [[_stamp(e.ts_us / 1_000_000), _cell(e.actor), _cell(e.op), _cell(e.service),
+                   _cell(e.username), _cell(e.outcome),
+                   str(e.key_version) if e.key_version is not None else "-",
+                   _shown(e.reason) if e.reason else ""]
                   for e in events], sys.stdout)
     return 0
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     """Export every kept event, with chain fields, as JSON lines."""
-    from pathlib import Path
-
+    target = _out_path(args.file, "export")
     with _open(args) as store:
-        count = store.trail.export(Path(args.file))
-    sys.stderr.write(f"{count} events written to {args.file}\n")
+        count = store.trail.export(target)
+    sys.stderr.write(f"{_plural(count, 'event')} written to {_one_line(args.file)}\n")
     return 0
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
     """Archive events older than the retention to a JSON-lines file."""
-    from pathlib import Path
-
     from .config import parse_duration
 
-    keep = parse_duration(args.keep, "--keep") if args.keep else None
+    keep = parse_duration(args.keep, "--keep") if args.keep is not None else None
+    archive = _out_path(args.archive, "archive")
     with _open(args) as store:
-        count = store.trail.prune(Path(args.archive), keep)
-    sys.stderr.write(f"{count} events archived to {args.archive}\n" if count
-                     else "no events older than the retention\n")
+        count = store.trail.prune(archive, keep)
+    sys.stderr.write(f"{_plural(count, 'event')} archived to {_one_line(args.archive)}\n"
+                     if count else "no events older than the retention\n")
     return 0
 
 
@@ -365,10 +520,9 @@ def cmd_key_list(args: argparse.Namespace) -> int:
     with _open(args) as store:
         keys = store.keys.versions()
     if args.json:
-        json.dump([{"version": k.version, "state": k.state, "created_at": _stamp(k.created_at),
-                    "data_keys": k.data_keys, "wrap_count": k.wrap_count} for k in keys],
-                  sys.stdout)
-        sys.stdout.write("\n")
+        sys.stdout.write(_json([{"version": k.version, "state": k.state,
+                                 "created_at": _stamp(k.created_at), "data_keys": k.data_keys,
+                                 "wrap_count": k.wrap_count} for k in keys]) + "\n")
     else:
         _table([["VERSION", "STATE", "CREATED", "DATA KEYS", "WRAPS"]]
                + [[str(k.version), k.state, _stamp(k.created_at), str(k.data_keys),
@@ -416,8 +570,8 @@ def cmd_key_rewrap(args: argparse.Namespace) -> int:
     finally:
         finish()
     rate = summary.rewrapped / summary.seconds if summary.seconds else 0.0
-    sys.stderr.write(f"rewrapped {summary.rewrapped} data keys to key version "
-                     f"{summary.target_version} in {summary.batches} batches "
+    sys.stderr.write(f"rewrapped {_plural(summary.rewrapped, 'data key')} to key version "
+                     f"{summary.target_version} in {_plural(summary.batches, 'batch', 'batches')} "
                      f"({summary.seconds:.1f}s, {rate:,.0f}/s); none left under older versions\n")
     return 0
 
@@ -426,7 +580,8 @@ def cmd_key_retire(args: argparse.Namespace) -> int:
     """Retire KEK versions below N (refused while anything uses them)."""
     with _open(args) as store:
         retired = store.keys.retire(args.below)
-    sys.stderr.write(f"retired key versions {', '.join(map(str, retired))}\n" if retired
+    noun = "key version" if len(retired) == 1 else "key versions"
+    sys.stderr.write(f"retired {noun} {', '.join(map(str, retired))}\n" if retired
                      else f"no key versions below {args.below} to retire\n")
     return 0
 
@@ -469,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[argparse.Namespace], int],
             *names: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0], parents=[common])
+        doc = (func.__doc__ or "").split("\n")[0]
+        p = sub.add_parser(name, help=doc, description=doc, parents=[common])
         for n in names:
             p.add_argument(n)
         p.set_defaults(func=func)
@@ -492,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="report the stored version")
 
     p = add("get", cmd_get, "service", "username")
-    p.add_argument("--version", type=int, metavar="N", help="read kept version N")
+    p.add_argument("--version", type=_count, metavar="N", help="read kept version N")
 
     p = add("delete", cmd_delete, "service", "username")
     p.add_argument("--purge", action="store_true", help="wipe every kept version too")
@@ -504,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
 
     p = add("rollback", cmd_rollback, "service", "username")
-    p.add_argument("--version", type=int, metavar="N",
+    p.add_argument("--version", type=_count, metavar="N",
                    help="version to restore (default: the one before the current)")
     p.add_argument("--allow-expired", action="store_true",
                    help="restore a version past its expiry (its TTL then counts anew)")
@@ -514,12 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
 
-    keys = sub.add_parser("key", help="key management commands", parents=[common])
+    keys = sub.add_parser("key", help="key management commands", parents=[common],
+                          description="Key management: list, rotate, rewrap, retire, rekey.")
     keys_sub = keys.add_subparsers(dest="key_command", metavar="ACTION", required=True)
 
     def add_key(name: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = keys_sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0],
-                                parents=[common])
+        doc = (func.__doc__ or "").split("\n")[0]
+        p = keys_sub.add_parser(name, help=doc, description=doc, parents=[common])
         p.set_defaults(func=func)
         return p
 
@@ -527,10 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
     add_key("rotate", cmd_key_rotate)
     p = add_key("rewrap", cmd_key_rewrap)
-    p.add_argument("--batch", type=int, default=1000, metavar="N",
+    p.add_argument("--batch", type=_int_arg(1, 1_000_000), default=1000, metavar="N",
                    help="data keys per transaction (default 1000)")
     p = add_key("retire", cmd_key_retire)
-    p.add_argument("--below", type=int, required=True, metavar="N")
+    p.add_argument("--below", type=_count, required=True, metavar="N")
     p = add_key("rekey", cmd_key_rekey)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--passphrase", action="store_true",
@@ -538,13 +695,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--key-file", action="store_true", help="a new key file (or switch to one)")
     p.add_argument("--kdf", choices=["argon2id", "pbkdf2"], help="KDF for the new passphrase")
 
-    trail = sub.add_parser("audit", help="audit trail commands", parents=[common])
+    trail = sub.add_parser("audit", help="audit trail commands", parents=[common],
+                           description="The audit trail: verify, checkpoint, show, export, "
+                                       "prune.")
     trail_sub = trail.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     def add_audit(name: str, func: Callable[[argparse.Namespace], int]
                   ) -> argparse.ArgumentParser:
-        p = trail_sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0],
-                                 parents=[common])
+        doc = (func.__doc__ or "").split("\n")[0]
+        p = trail_sub.add_parser(name, help=doc, description=doc, parents=[common])
         p.set_defaults(func=func)
         return p
 
@@ -561,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", metavar="GLOB")
     p.add_argument("--actor", metavar="GLOB")
     p.add_argument("--op", metavar="OP", help="read, write, delete, purge, rollback, list, ...")
-    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--limit", type=_count, metavar="N")
     p = add_audit("export", cmd_audit_export)
     p.add_argument("file")
     p = add_audit("prune", cmd_audit_prune)
@@ -569,9 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON-lines file to receive the pruned events")
     p.add_argument("--keep", metavar="DUR", help="retention (default: [audit] keep)")
 
-    config = sub.add_parser("config", help="configuration commands", parents=[common])
+    config = sub.add_parser("config", help="configuration commands", parents=[common],
+                            description="Configuration commands.")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    p = config_sub.add_parser("check", help="validate the config file", parents=[common])
+    doc = (cmd_config_check.__doc__ or "").split("\n")[0]
+    p = config_sub.add_parser("check", help="validate the config file", description=doc,
+                              parents=[common])
     p.set_defaults(func=cmd_config_check)
     return parser
 
@@ -587,27 +749,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.home = None
     try:
         try:
-            return int(args.func(args))
+            code = int(args.func(args))
+            sys.stdout.flush()  # here, not at exit: a full disk (> /dev/full) is an error of ours
+            return code
         finally:
             while _OPENED:
                 _print_notices(_OPENED.pop())
     except HardenedError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:
-        # The reader (say, head) stopped reading: not an error of ours. Point
-        # stdout at /dev/null so the interpreter's final flush stays quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # The reader (say, head) stopped reading: not an error of ours.
+        _drop_stdout()
         return 0
+    except OSError as exc:
+        # An OS condition on a path the tool chose, that no layer below named:
+        # storage unavailable (exit 8), never an internal error.
+        _drop_stdout()
+        where = (f"{_one_line(os.fsdecode(exc.filename))}: " if exc.filename is not None
+                 else "output: " if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT)
+                 else "")
+        sys.stderr.write(f"{PROG}: error: {where}{exc.strerror or type(exc).__name__}\n")
+        return StorageError.exit_code
     except Exception as exc:
-        if os.environ.get("KEYRING_HARDENED_DEBUG"):
+        if _debug():
             raise
         # The type only: an unexpected exception's text could hold anything.
         sys.stderr.write(f"{PROG}: internal error ({type(exc).__name__}); "
                          "set KEYRING_HARDENED_DEBUG=1 for a traceback\n")
         return EXIT_INTERNAL
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is left stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # no stdout to quiet

@@ -24,8 +24,12 @@ from .rootkey import (
 
 __all__ = ["Config", "load_config", "parse_duration"]
 
-_DURATION = re.compile(r"(\d+)([smhdw])")
+# At most 12 digits a part: an endless digit string must not reach int() (which
+# refuses over 4300 digits) nor make a number SQLite or a timer cannot hold.
+_DURATION = re.compile(r"(\d{1,12})([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The longest duration anything takes: 100 years, as for a TTL.
+MAX_DURATION = 100 * 365 * 86400
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
@@ -41,6 +45,8 @@ def parse_duration(text: str, what: str = "duration") -> float:
         pos = m.end()
     if not s or pos != len(s) or total <= 0:
         raise ConfigError(f"{what}: expected a positive duration such as 90s, 15m, 12h or 30d")
+    if total > MAX_DURATION:
+        raise ConfigError(f"{what}: must be at most 100 years")
     return float(total)
 
 
@@ -82,6 +88,18 @@ def _duration(key: str, value: Any) -> float:
     return parse_duration(value, key)
 
 
+#: SQLite takes the busy timeout in milliseconds as a C int: 25 days and more
+#: overflow to "do not wait at all". A writer waiting an hour is already a fault.
+MAX_BUSY_TIMEOUT = 3600
+
+
+def _busy_timeout(key: str, value: Any) -> float:
+    seconds = parse_duration(value, key)
+    if seconds > MAX_BUSY_TIMEOUT:
+        raise ConfigError(f"{key}: must be at most 1h")
+    return seconds
+
+
 def _command(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         import shlex  # only when a config names a command
@@ -111,6 +129,10 @@ def _sinks(key: str, value: Any) -> tuple[str, ...]:
     for i, sink in enumerate(value):
         if sink != "syslog" and not (sink.startswith("file:") and len(sink) > len("file:")):
             raise ConfigError(f"{key}[{i}]: must be \"syslog\" or \"file:PATH\"")
+        # A relative path would be resolved against each process's working
+        # folder: every program would write its own copy somewhere else.
+        if sink.startswith("file:") and not Path(sink[5:]).expanduser().is_absolute():
+            raise ConfigError(f"{key}[{i}]: the file path must be absolute")
     return tuple(value)
 
 
@@ -131,7 +153,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "storage": {
         "synchronous": _choice("normal", "full"),
-        "busy_timeout": _duration,
+        "busy_timeout": _busy_timeout,
     },
     "kdf": {
         "algorithm": _choice("argon2id", "pbkdf2"),
@@ -192,23 +214,41 @@ class Config(NamedTuple):
     @classmethod
     def from_mapping(cls, doc: Mapping[str, Any], path: Path | None = None) -> Config:
         """Validate a parsed TOML document; raise :class:`ConfigError` naming the key."""
-        values: dict[str, Any] = {}
-        for key, value in doc.items():
-            if key in _NOT_YET:
-                raise ConfigError(f"{key}: {_NOT_YET[key]}")
-            if key in SCHEMA and key:
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{key}: expected a table ([{key}]), got {_type(value)}")
-                for sub, subvalue in value.items():
-                    spec = SCHEMA[key].get(sub)
-                    if spec is None:
-                        raise ConfigError(f"{key}.{sub}: unknown key")
-                    values[_attr(key, sub)] = spec(f"{key}.{sub}", subvalue)
-            elif key in SCHEMA[""]:
-                values[key] = SCHEMA[""][key](key, value)
-            else:
-                raise ConfigError(f"{key}: unknown key")
+        values, problems = _validate(doc)
+        if problems:
+            raise ConfigError(problems[0])
         return cls(path=path, **values)
+
+
+def _validate(doc: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The valid options of ``doc``, and every problem found (not only the first)."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def check(attr: str, spec: Check, key: str, value: Any) -> None:
+        try:
+            values[attr] = spec(key, value)
+        except ConfigError as exc:
+            problems.append(str(exc))
+
+    for key, value in doc.items():
+        if key in _NOT_YET:
+            problems.append(f"{key}: {_NOT_YET[key]}")
+        elif key in SCHEMA and key:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a table ([{key}]), got {_type(value)}")
+                continue
+            for sub, subvalue in value.items():
+                spec = SCHEMA[key].get(sub)
+                if spec is None:
+                    problems.append(f"{key}.{sub}: unknown key")
+                else:
+                    check(_attr(key, sub), spec, f"{key}.{sub}", subvalue)
+        elif key in SCHEMA[""]:
+            check(key, SCHEMA[""][key], key, value)
+        else:
+            problems.append(f"{key}: unknown key")
+    return values, problems
 
 
 def _attr(section: str, key: str) -> str:
@@ -219,25 +259,74 @@ def _attr(section: str, key: str) -> str:
     return key
 
 
-def load_config(path: Path, required: bool = False) -> Config:
-    """Load and validate the config file; a missing optional file gives defaults."""
+#: A config file is a few lines; anything larger is not one (or is /dev/zero).
+CONFIG_LIMIT = 1 << 20
+
+
+def _read(path: Path, required: bool, report: list[str] | None = None) -> bytes | None:
+    """The config file's bytes through the trusted-file checks; None when optional and absent."""
+    from ._files import read_trusted
+
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        # As ssh treats its config: whoever can edit this file chooses the
+        # program that yields the passphrase and where audit copies go, so
+        # it must be yours (or root's) and writable by nobody else. Others
+        # may read it: it names programs and paths, never a secret.
+        return read_trusted(path, "config file", CONFIG_LIMIT, private=False, report=report)
+    except (FileNotFoundError, NotADirectoryError):  # a folder on the way is missing or a file
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
-        return Config(path=None)
+        return None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+
+
+def _parse(path: Path, raw: bytes) -> dict[str, Any]:
     import tomllib  # only when there is a file: it costs import time on every get
 
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: Path, required: bool = False) -> Config:
+    """Load and validate the config file; a missing optional file gives defaults.
+
+    The file must pass the trusted-file checks (a regular file, no symbolic
+    link, owned by you or root, not writable by group or others, at most
+    1 MiB); otherwise :class:`ConfigError` names it and why.
+    """
+    raw = _read(path, required)
+    if raw is None:
+        return Config(path=None)
+    doc = _parse(path, raw)
     try:
         return Config.from_mapping(doc, path)
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def check_config(path: Path, required: bool = False) -> tuple[Config | None, list[str]]:
+    """For ``config check``: the config if valid, and *every* problem with the file.
+
+    Returns ``(None, [])`` for an optional file that does not exist. Owner
+    and mode problems are listed, and the content is still checked, so one
+    run shows everything to fix; anything else that stops the read (a FIFO,
+    a link, a device, too large) is the one problem reported.
+    """
+    trust: list[str] = []
+    try:
+        raw = _read(path, required, trust)
+        if raw is None:
+            return None, []
+        doc = _parse(path, raw)
+    except ConfigError as exc:
+        return None, [*trust, str(exc)]
+    values, problems = _validate(doc)
+    problems = [*trust, *(f"config file {path}: {p}" for p in problems)]
+    if problems:
+        return None, problems
+    return Config(path=path, **values), []

@@ -85,7 +85,16 @@ def _rekey_lock(home: Path, wait: bool) -> Iterator[bool]:
     except ImportError:  # pragma: no cover - not POSIX
         yield True
         return
-    fd = os.open(home / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    from ._files import open_trusted
+    from .errors import StorageError
+
+    try:
+        # Trusted like the journal: not a link (it would create or lock a file
+        # elsewhere), not a FIFO (no hang), yours or root's, nobody else can write.
+        fd = open_trusted(home / LOCK, "rekey lock", flags=os.O_RDWR | os.O_CREAT,
+                          private=False)
+    except OSError as exc:
+        raise StorageError(f"rekey lock {home / LOCK} cannot be opened: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -112,11 +121,18 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
     sentence for the user, or None when a rekey is still running in another
     process.
     """
+    from ._files import read_trusted
+
     journal = location.home / JOURNAL
     with _rekey_lock(location.home, wait=False) as held:
         if not held:
             return None
-        if not journal.exists():
+        try:
+            # Only a trusted journal (a small regular file, yours or root's,
+            # nobody else can write) is acted on at all; even then its content
+            # decides no action, only the wording of the message below.
+            text = read_trusted(journal, "rekey journal", private=False)
+        except FileNotFoundError:
             return None
         vault = storage.vault()
         new_file = location.pending_key_file
@@ -129,7 +145,7 @@ def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str
         else:
             # Whether it committed is then only the journal's word; it decides
             # the message, never an action.
-            committed = _journal_generation(journal) < vault.generation
+            committed = _journal_generation(text) < vault.generation
             if KdfParams.from_json(vault.kdf).uses_passphrase and location.key_file.exists() \
                     and not _opens(location.key_file, vault.vault_id, vault.verifier):
                 location.key_file.unlink()  # left by a committed switch to a passphrase
@@ -154,11 +170,11 @@ def _opens(path: Path, vault_id: bytes, verifier: bytes) -> bool:
         root.close()
 
 
-def _journal_generation(journal: Path) -> int:
+def _journal_generation(text: bytes) -> int:
     """The generation a journal says its rekey started from (only for the message)."""
     try:
-        value = json.loads(journal.read_text("utf-8"))["from_generation"]
-    except (OSError, ValueError, KeyError, TypeError):
+        value = json.loads(text.decode("utf-8"))["from_generation"]
+    except (ValueError, KeyError, TypeError):
         return 2**62
     return value if isinstance(value, int) and not isinstance(value, bool) else 2**62
 

@@ -25,12 +25,11 @@ import contextlib
 import hmac
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _aead
-from .errors import ConfigError, IntegrityError, LockedError
+from .errors import IntegrityError, LockedError
 
 __all__ = [
     "ARGON2_DEFAULT",
@@ -248,9 +247,18 @@ def derive_from_passphrase(params: KdfParams, passphrase: str) -> bytearray:
 
 
 def read_key_file(path: Path) -> bytearray:
-    """Read a 32-byte key file, refusing one that group or others can access."""
+    """Read a 32-byte key file through the trusted-file checks.
+
+    As ssh does with private keys: no symbolic link, a regular file (a FIFO
+    or device cannot hang or flood the read), owned by you or root, and not
+    accessible by group or others, since a key others can read or replace is
+    not a secret. Those are exit 2 naming the file; a missing or unreadable
+    key file is locked (exit 6).
+    """
+    from ._files import open_trusted
+
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = open_trusted(path, "key file")
     except FileNotFoundError:
         raise LockedError(f"no key file at {path} (set KEYRING_HARDENED_KEY_FILE "
                           "or restore the key file)", "no-key-file") from None
@@ -258,14 +266,10 @@ def read_key_file(path: Path) -> bytearray:
         raise LockedError(f"key file {path} cannot be read: {exc.strerror}",
                           "key-file-unreadable") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"key file {path} is not a regular file")
-        # As ssh does with private keys: a key others can read is not a secret.
-        if st.st_mode & 0o077:
-            raise ConfigError(f"key file {path} is accessible by group or others "
-                              f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
         data = bytearray(os.read(fd, _aead.KEY_LEN + 1))
+    except OSError as exc:
+        raise LockedError(f"key file {path} cannot be read: {exc.strerror}",
+                          "key-file-unreadable") from None
     finally:
         os.close(fd)
     if len(data) != _aead.KEY_LEN:
@@ -278,27 +282,39 @@ def read_key_file(path: Path) -> bytearray:
 def create_key_file(path: Path) -> bool:
     """Create a key file of 32 random bytes, mode 0600, atomically.
 
-    Returns False when a key file already exists there (it is left as it is).
-    The key is written to a temporary name and hard-linked into place, so a
-    concurrent reader never sees a partly written key and two concurrent
-    creators agree on one key.
+    Returns False when a key file already exists there (it is left as it is,
+    and the caller's read checks its trust: a planted key is refused there).
+    The key is written to a random temporary name, created exclusively
+    without following links, and hard-linked into place, so a concurrent
+    reader never sees a partly written key and two concurrent creators agree
+    on one key. OS failures are a :class:`StorageError` naming the path.
     """
-    if path.exists():
+    from .errors import StorageError
+    from .location import make_home
+
+    if os.path.lexists(path):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_aead.random_bytes(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if not os.path.isdir(path.parent):
+        make_home(path.parent)  # 0700 with 0700 parents, whatever the umask
+    tmp = path.with_name(f".{path.name}.{_aead.random_bytes(8).hex()}.tmp")
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, _aead.random_bytes(_aead.KEY_LEN))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create key file {path}: {exc.strerror}") from None
     try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, _aead.random_bytes(_aead.KEY_LEN))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.link(tmp, path)
         return True
     except FileExistsError:
         return False
+    except OSError as exc:
+        raise StorageError(f"cannot create key file {path}: {exc.strerror}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)

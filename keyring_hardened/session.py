@@ -215,10 +215,10 @@ def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
 
 
 def _make_home(home: Path) -> None:
-    """Create the vault folder with mode 0700, whatever the umask."""
-    if not home.exists():
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(home, 0o700)
+    """Create the vault folder (and missing parents) 0700 whatever the umask; refuse untrusted."""
+    from .location import make_home
+
+    make_home(home)
 
 
 def _head_leaf(h: HeadRow) -> bytes:
@@ -334,6 +334,7 @@ class Session:
         (see :meth:`upgrade`).
         """
         location = Location.resolve(home)
+        location.check_home()  # as ssh's StrictModes, before trusting anything in it
         cfg = config if config is not None else load_config(location.config_file,
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
@@ -425,6 +426,7 @@ class Session:
         from the same sources as in :meth:`open` (``prompt`` should confirm it).
         """
         location = Location.resolve(home)
+        location.check_home()  # as ssh's StrictModes, before trusting anything in it
         cfg = config if config is not None else load_config(location.config_file,
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()

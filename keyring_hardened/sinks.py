@@ -8,12 +8,15 @@ it is reported through the ``keyring_hardened.audit`` logger instead.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 from pathlib import Path
 
 from .audit import Event
+from .errors import ConfigError
 
 __all__ = ["Sinks"]
 
@@ -39,29 +42,75 @@ class Sinks:
         line = json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"))
         for path in self._files:
             try:
-                # O_APPEND: concurrent writers each add whole lines; 0600 like the vault.
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, (line + "\n").encode("utf-8"))
-                finally:
-                    os.close(fd)
+                _append_line(path, (line + "\n").encode("utf-8", "backslashreplace"))
+            except ConfigError as exc:
+                log.warning("audit sink file:%s refused: %s", path, exc)
             except OSError as exc:
                 log.warning("audit sink file:%s failed: %s", path, exc.strerror)
         if self._syslog:
-            self._syslog_log().info("keyring-hardened audit %s", line)
+            logger = self._syslog_log()
+            if logger is not None:
+                logger.info("keyring-hardened audit %s", line)
 
-    def _syslog_log(self) -> logging.Logger:
+    def _syslog_log(self) -> logging.Logger | None:
         if self._syslog_logger is None:
             from logging.handlers import SysLogHandler
+
+            class _Handler(SysLogHandler):
+                def handleError(self, record: logging.LogRecord) -> None:
+                    # Reported like a failing file sink, not as a traceback on stderr.
+                    log.warning("audit sink syslog failed: cannot send to %s", SYSLOG_SOCKET)
 
             logger = logging.getLogger("keyring_hardened.audit.syslog")
             logger.propagate = False
             logger.setLevel(logging.INFO)
             if not logger.handlers:
-                # The local daemon's socket, else its UDP port on loopback.
-                address: str | tuple[str, int] = SYSLOG_SOCKET \
-                    if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
-                logger.addHandler(SysLogHandler(address=address,
-                                                facility=SysLogHandler.LOG_AUTH))
+                # The local daemon's socket only. No fallback to UDP on
+                # localhost: that would send the trail unauthenticated to
+                # whatever listens on port 514, and report success.
+                try:
+                    if not os.path.exists(SYSLOG_SOCKET):
+                        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+                    logger.addHandler(_Handler(address=SYSLOG_SOCKET,
+                                               facility=SysLogHandler.LOG_AUTH))
+                except OSError as exc:
+                    log.warning("audit sink syslog: cannot connect to %s: %s; events are not "
+                                "copied to syslog", SYSLOG_SOCKET, exc.strerror)
+                    self._syslog = False
+                    return None
             self._syslog_logger = logger
         return self._syslog_logger
+
+
+def _append_line(path: Path, data: bytes) -> None:
+    """Append one whole line to a sink file, or nothing.
+
+    Opened through the trusted-file checks (no link followed, no FIFO to
+    hang on, a regular file of yours or root's that nobody else can write),
+    created 0600. An exclusive ``flock`` is held while writing, so that after
+    a short write (a full disk) the partial line can be cut off again
+    without cutting another writer's line: lines are never spliced.
+    """
+    import fcntl
+
+    from ._files import open_trusted
+
+    fd = open_trusted(path, "audit sink", flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                      private=False)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start = os.fstat(fd).st_size
+        done = 0
+        try:
+            while done < len(data):
+                written = os.write(fd, data[done:])
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
+        except OSError:
+            if done:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)  # releases the lock

@@ -250,7 +250,65 @@ def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return StorageError(f"vault database {path} is busy: another process held it "
                             "longer than the busy timeout; try again")
+    # Read-only, cannot-open, I/O and locking-protocol errors (a read-only
+    # -shm gives SQLITE_PROTOCOL): name the file that causes it, if one does.
+    culprit = _culprit(path)
+    if culprit:
+        return StorageError(culprit)
     return StorageError(f"vault database {path}: {name or type(exc).__name__}: {text}")
+
+
+def _culprit(path: Path) -> str | None:
+    """Which file or folder stops SQLite writing the vault, named for the user.
+
+    SQLite reports the database's name whichever of its files failed. After
+    a read-only episode its ``-wal`` and ``-shm`` files stay at the mode the
+    database had then (0444), and the vault stays unusable after
+    ``vault.db`` itself is fixed; this names the file that really needs it.
+    """
+    import stat
+
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"vault folder {folder} is not writable, so the database cannot keep its "
+                f"-wal and -shm files there; make it writable (chmod 700 {folder})")
+    for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"vault database file {candidate} cannot be checked: {exc.strerror}"
+        if not os.access(candidate, os.R_OK | os.W_OK):
+            mode = stat.S_IMODE(st.st_mode)
+            stale = " (left read-only by an earlier read-only episode?)" if candidate != path \
+                else ""
+            return (f"vault database file {candidate} is not writable (mode {mode:04o}, owner "
+                    f"uid {st.st_uid}){stale}; run: chmod 600 {candidate}")
+    return None
+
+
+def _check_companions(path: Path) -> None:
+    """Refuse a ``-wal`` or ``-shm`` file that is a link, not a file, or someone else's.
+
+    SQLite opens them by name and follows links: a planted ``vault.db-wal``
+    link would have the vault's pages written wherever it points, and a
+    foreign one could feed it forged pages.
+    """
+    from ._files import trust_problem
+    from .errors import ConfigError
+
+    for companion in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(companion)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"vault database file {companion} cannot be checked: "
+                               f"{exc.strerror}") from None
+        problem = trust_problem(st, companion, "vault database file")
+        if problem:
+            raise ConfigError(problem)
 
 
 class SQLiteStorage:
@@ -265,8 +323,12 @@ class SQLiteStorage:
 
     @staticmethod
     def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+        import urllib.parse
+
         # mode=rw: never let SQLite create a database file as a side effect.
-        uri = f"file:{path.as_posix()}?mode=rw"
+        # The path is percent-encoded: a "?" or "#" in a folder name must not
+        # end the file name and start URI parameters.
+        uri = f"file:{urllib.parse.quote(os.fsencode(path.absolute()))}?mode=rw"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout,
                                check_same_thread=False)
         try:
@@ -284,10 +346,14 @@ class SQLiteStorage:
              ) -> SQLiteStorage:
         """Open an existing vault, applying pending migrations.
 
-        Raises :class:`VaultMissingError` when there is no database file, and
-        :class:`IntegrityError` when the file is not a complete vault.
+        Raises :class:`VaultMissingError` when there is no database file,
+        :class:`IntegrityError` when the file is not a complete vault, and
+        :class:`ConfigError` when it (or its ``-wal``/``-shm``) is not a
+        trusted file: a link, not a regular file, someone else's, or open to
+        group and others.
         """
         _check_header(path)
+        _check_companions(path)
         try:
             conn = cls._connect(path, synchronous, busy_timeout)
         except sqlite3.Error as exc:
@@ -324,10 +390,15 @@ class SQLiteStorage:
         Returns False, leaving everything as it was, when a vault already
         exists there (another process may have won the race).
         """
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.fchmod(fd, 0o600)  # whatever the umask; SQLite gives its -wal/-shm the same mode
-        os.close(fd)
+        tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+        try:
+            # O_EXCL never follows a link, and the random name cannot be planted ahead.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)  # whatever the umask; SQLite gives its -wal/-shm the same mode
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
         try:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
@@ -358,9 +429,11 @@ class SQLiteStorage:
             return True
         except sqlite3.Error as exc:
             raise _translate(exc, path) from None
+        except OSError as exc:
+            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
         finally:
             for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(leftover)
 
     def close(self) -> None:
@@ -915,14 +988,24 @@ def _check_header(path: Path) -> None:
     database size in pages (valid when the change counter matches the
     version-valid-for number), so a file shorter than that is truncated.
     """
+    from ._files import open_trusted
+
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
-            size = os.fstat(f.fileno()).st_size
+        # Not followed if a link, never blocking on a FIFO, a regular file
+        # owned by the user or root and closed to group and others: someone
+        # else's vault.db would receive the secrets written to it.
+        fd = open_trusted(path, "vault database")
     except FileNotFoundError:
         raise VaultMissingError(f"no vault at {path.parent} (run: keyring-hardened init)") from None
     except OSError as exc:
         raise StorageError(f"vault database {path} cannot be read: {exc.strerror}") from None
+    try:
+        header = os.pread(fd, 100, 0)
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise StorageError(f"vault database {path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
         raise IntegrityError(f"{path} is not a keyring-hardened vault (empty, truncated or "
                              "foreign file); refusing to use or re-initialise it")

@@ -43,6 +43,10 @@ def _header_mac(key: bytes | bytearray, header: Mapping[str, Any]) -> str:
                        "sha256").hex()
 
 
+#: The largest export or archive read back (about four million events).
+AUDIT_FILE_LIMIT = 1 << 30
+
+
 def _write_jsonl(path: Path, header: dict[str, Any], events: Iterable[Event]) -> int:
     """Write header and events to ``path`` (0600, replaced atomically); returns the count."""
     lines = itertools.chain([json.dumps(header)],
@@ -52,12 +56,19 @@ def _write_jsonl(path: Path, header: dict[str, Any], events: Iterable[Event]) ->
 
 def read_jsonl(path: Path) -> tuple[dict[str, Any], list[Event]]:
     """Read an export or archive; a malformed file is an integrity error naming the line."""
+    from ._files import read_trusted
+
     try:
-        lines = path.read_text("utf-8").splitlines()
+        # No link followed, no FIFO hang, no /dev/zero: a capped regular file
+        # that nobody else can write (others may read an export).
+        lines = read_trusted(path, "audit file", AUDIT_FILE_LIMIT,
+                             private=False).decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UsageError(f"audit file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"audit file {path} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"audit file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"audit file {path} cannot be read: not UTF-8 text") from None
     try:
         header = json.loads(lines[0]) if lines else None
         if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2):

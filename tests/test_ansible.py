@@ -108,7 +108,7 @@ def test_lookup_reads_terms_and_forms(collections_path: Path, vault: Path) -> No
     assert (vault.parent / "out.txt").read_text() == "{{ lookup('env','HOME') }}"
     assert CANARY not in done.stdout + done.stderr
     with Store.open(vault) as store:
-        assert store.trail.show(actor="ansible", op="read")
+        assert store.trail.show(actor="*:ansible-playbook", op="read")
 
 
 def test_on_missing_modes(collections_path: Path, vault: Path) -> None:

@@ -122,5 +122,5 @@ def test_not_utf8_and_unreadable(tmp_path: Path) -> None:
         load_config(path)
     path.unlink()
     path.mkdir()
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         load_config(path)

@@ -8,7 +8,7 @@ import pytest
 from keyring_hardened import storage
 from keyring_hardened.audit import Event
 from keyring_hardened.config import Config
-from keyring_hardened.errors import IntegrityError, StorageError, UsageError
+from keyring_hardened.errors import ConfigError, IntegrityError, StorageError, UsageError
 from keyring_hardened.storage import SQLiteStorage
 from keyring_hardened.store import Store
 
@@ -111,5 +111,5 @@ def test_create_loses_race_cleanly(db: Path) -> None:
 def test_unreadable_database_file(home: Path) -> None:
     home.mkdir()
     (home / "vault.db").mkdir()
-    with pytest.raises(StorageError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         SQLiteStorage.open(home / "vault.db")

@@ -205,6 +205,7 @@ def test_foreign_sqlite_file_is_refused(home: Path) -> None:
     conn.execute("CREATE TABLE t (x)")
     conn.commit()
     conn.close()
+    os.chmod(home / "vault.db", 0o600)  # private, or the trust check refuses it first
     with pytest.raises(IntegrityError, match="not a keyring-hardened vault"):
         Store.open(home)
 
@@ -212,6 +213,7 @@ def test_foreign_sqlite_file_is_refused(home: Path) -> None:
 def test_garbage_file_is_refused(home: Path) -> None:
     home.mkdir()
     (home / "vault.db").write_bytes(os.urandom(8192))
+    os.chmod(home / "vault.db", 0o600)  # private, or the trust check refuses it first
     with pytest.raises(IntegrityError):
         Store.open(home)
 

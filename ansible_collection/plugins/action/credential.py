@@ -30,7 +30,7 @@ ARGUMENT_SPEC = {
     "ttl": {"type": "str"},
     "purge": {"type": "bool", "default": False},
     "home": {"type": "path"},
-    "actor": {"type": "str", "default": "ansible"},
+    "actor": {"type": "str"},
 }
 
 CLASSES = ("ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits",

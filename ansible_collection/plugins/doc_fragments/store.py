@@ -25,8 +25,9 @@ options:
   actor:
     description:
       - The name the vault's audit trail records for these reads, and that access policies match.
+      - Default is E(KEYRING_HARDENED_ACTOR), else who and what as the keyring backend derives it,
+        the OS user and the Ansible program, for example C(deploy:ansible-playbook).
     type: str
-    default: ansible
     env:
       - name: KEYRING_HARDENED_ANSIBLE_ACTOR
     ini:
@@ -55,8 +56,9 @@ options:
   actor:
     description:
       - The name the vault's audit trail records for these changes.
+      - Default is E(KEYRING_HARDENED_ACTOR), else the OS user and the Ansible program, for
+        example C(deploy:ansible-playbook).
     type: str
-    default: ansible
 notes:
   - Runs on the controller, whatever the task's host, and needs the C(keyring-hardened) Python
     package installed for the Python that runs Ansible.

@@ -16,6 +16,8 @@ from ansible.errors import AnsibleError
 
 try:
     from keyring_hardened.errors import HardenedError
+    from keyring_hardened.location import ENV_ACTOR
+    from keyring_hardened.location import default_actor as derived_actor
     from keyring_hardened.store import Store
 except ImportError as exc:  # pragma: no cover - exercised by a test with the package hidden
     IMPORT_ERROR: ImportError | None = exc
@@ -48,9 +50,28 @@ def require_package():
                            f"package: {INSTALL_HINT}")
 
 
-def open_store(home=None, actor="ansible"):
+def default_actor():
+    """Who and what, as the keyring backend says it: ``user:ansible-playbook``.
+
+    The OS user, and the Ansible program running (``ansible-playbook``,
+    ``ansible``, ...; plain ``ansible`` when the plugin runs elsewhere, say
+    in unit tests), so a read through this lookup and one through
+    ``community.general.keyring`` over the keyring backend carry the same
+    actor. ``KEYRING_HARDENED_ACTOR``, when set, wins here as it does there.
+    """
+    require_package()
+    if os.environ.get(ENV_ACTOR):
+        return derived_actor()
+    user, _sep, program = derived_actor().rpartition(":")
+    if not program.startswith("ansible"):
+        program = "ansible"
+    return f"{user}:{program}"
+
+
+def open_store(home=None, actor=None):
     """The unlocked store for (home, actor), opened once per process."""
     require_package()
+    actor = actor or default_actor()
     key = (os.path.abspath(os.path.expanduser(home)) if home else None, actor)
     store = _stores.get(key)
     if store is None:

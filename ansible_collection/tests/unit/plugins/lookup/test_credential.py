@@ -82,6 +82,6 @@ def test_errors_never_show_the_value(lookup, vault):
 def test_audited_as_ansible(lookup, vault):
     lookup.run(["db"], {}, username="app", home=vault)
     with Store.open(vault) as store:
-        events = store.trail.show(actor="ansible", op="read")
+        events = store.trail.show(actor="*:ansible", op="read")
     assert events
     assert events[0].service == "db"
