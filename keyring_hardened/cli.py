@@ -363,18 +363,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     with _open(args) as store:
         info = store.status()
-        made = store.trail.show(op="init", limit=1)
     info["exists"] = True
-    # Who made the vault: "init" by keyring-hardened, or the first set of an
-    # app or the keyring command, which makes a key-file vault silently.
-    info["created_by"] = made[0].actor if made else None
     if args.json:
         print(_json(info))
         return 0
     print(f"home: {info['home']}")
     print(f"mode: {info['mode']}" + (f" ({info['key_file']})" if info["key_file"] else ""))
     print(f"kdf: {info['kdf']}")
+    # Who made the vault: "init", or the first set of an app or the keyring
+    # command, which makes a key-file vault without asking.
     by = f" by {_shown(info['created_by'])}" if info["created_by"] else ""
+    if info["created_implicitly"]:
+        by += " (by a first set, without init: back up the key file)"
     print(f"created: {_stamp(info['created_at'])}{by}")
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")

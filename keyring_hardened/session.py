@@ -75,6 +75,8 @@ PENDING_REASONS = frozenset({
     "wrong-passphrase", "no-passphrase", "vault-key-damaged",
 })
 _PENDING_OUTCOMES = ("locked", "integrity")
+#: Ends the reason of an ``init`` event when a first ``set`` made the vault.
+IMPLICIT_INIT = "; made by a first set"
 T = TypeVar("T")
 
 
@@ -343,7 +345,8 @@ class Session:
         except VaultMissingError:
             if not create:
                 raise
-            made = cls._create(location, cfg, KdfParams.keyfile(), None, clock, who)
+            made = cls._create(location, cfg, KdfParams.keyfile(), None, clock, who,
+                               implicit=True)
             if made is not None:
                 return made
             # Another process created it first: use theirs.
@@ -451,8 +454,12 @@ class Session:
 
     @classmethod
     def _create(cls, location: Location, cfg: Config, params: KdfParams, passphrase: str | None,
-                clock: Clock, actor: str) -> Self | None:
-        """Build a complete vault, its first KEK, its state root and its ``init`` event."""
+                clock: Clock, actor: str, implicit: bool = False) -> Self | None:
+        """Build a complete vault, its first KEK, its state root and its ``init`` event.
+
+        ``implicit``: made by a first ``set`` (CLI or keyring), not by ``init``;
+        the init event says so, and ``status`` shows it.
+        """
         _make_home(location.home)
         if params.uses_passphrase:
             if passphrase is None:  # pragma: no cover - init checked it
@@ -475,7 +482,8 @@ class Session:
                                    envelope.wrap_kek(root.wrap, vault_id, kek), 0)
             meta = _meta_digest(Meta(record, [kek_record], [], (0, audit.GENESIS)))
             event = audit.Event(1, int(now * 1_000_000), actor, "init", None, None, "ok", 1,
-                                params.algorithm, b"", 1, state.root_of(meta, state.EMPTY_NODE))
+                                f"{params.algorithm}{IMPLICIT_INIT if implicit else ''}", b"",
+                                1, state.root_of(meta, state.EMPTY_NODE))
             event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
             vkeys.close()
             if not SQLiteStorage.create(location.database, record, kek_record, event,

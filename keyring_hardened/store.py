@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from .errors import ExpiredError, IntegrityError, NotFoundError, UsageError
 from .secret import Secret
-from .session import Session, _label, _Note, _utc
+from .session import IMPLICIT_INIT, Session, _label, _Note, _utc
 from .state import bucket_of
 from .storage import KekRecord, SQLiteStorage
 
@@ -270,8 +270,12 @@ class Store(Session):
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
                     for k in meta.keks]
+            made = storage.last_event("init")
             return {"counts": storage.counts(), "keys": keks, "schema": storage.schema(),
-                    "active": meta.active, "epoch": meta.vault.generation}
+                    "active": meta.active, "epoch": meta.vault.generation,
+                    "created_by": made.actor if made else None,
+                    "created_implicitly": bool(made and (made.reason or "").endswith(
+                        IMPLICIT_INIT))}
 
         found = self._run("status", None, None, body)
         return {
@@ -289,6 +293,8 @@ class Store(Session):
             "keys": found["keys"],
             "rotation": self._rotation_info(found["active"]),
             "key_epoch": found["epoch"],
+            "created_by": found["created_by"],
+            "created_implicitly": found["created_implicitly"],
             **found["counts"],
             "warnings": self._warnings(),
         }

@@ -246,3 +246,16 @@ def test_fast_digests_equal_the_generic_encoding() -> None:
     for current in (None, 4):
         assert state.head_leaf(1, "svc", "ü", current, 4, 1, 2.5, None, b"d", b"") == \
             state._digest(b"head", 1, "svc", "ü", current, 4, 1.0, 2.5, None, b"d", b"", None)
+
+
+def test_status_says_whether_a_first_set_made_the_vault(tmp_path: Path) -> None:
+    import json
+
+    first = tmp_path / "first"
+    assert run_cli("set", "svc", "u", home=first, stdin="x").returncode == 0
+    info = json.loads(run_cli("status", "--json", home=first).stdout)
+    assert info["created_implicitly"] is True
+    assert "by a first set" in run_cli("status", home=first).stdout
+    made = tmp_path / "made"
+    assert run_cli("init", home=made).returncode == 0
+    assert json.loads(run_cli("status", "--json", home=made).stdout)["created_implicitly"] is False
