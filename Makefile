@@ -40,8 +40,12 @@ test: $(VENV)/.installed-test
 	rm -f .coverage .coverage.*
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" COVERAGE_PROCESS_START="$(CURDIR)/pyproject.toml" \
 		$(PY) -m pytest -p no:cacheprovider --cov --cov-branch --cov-report=
-	$(PY) -m coverage combine -q || true
-	$(PY) -m coverage report --fail-under=95 --omit='keyring_hardened/backend.py,keyring_hardened/cli.py,keyring_hardened/__main__.py'
+	# pytest-cov has usually combined everything already; combine what is left, if any.
+	if ls .coverage.* >/dev/null 2>&1; then $(PY) -m coverage combine -q --append; fi
+	# The gate: the whole package, CLI and backend included.
+	$(PY) -m coverage report --fail-under=95 --include='keyring_hardened/*'
+	# Measured, not gated: the Ansible plugins, run by real ansible-playbook processes.
+	$(PY) -m coverage report --include='ansible_collection/*'
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check keyring_hardened tests bench demo

@@ -177,6 +177,7 @@ def verify(keys: Mapping[int, bytes | bytearray], events: Iterable[Event], ancho
             problem = f"event {event.seq} names key epoch {use}, which this vault does not hold"
         if problem is None and key is not None:
             expected = hmac.digest(key, prev_mac + canonical(event), "sha256")
+            # Constant time, like every MAC comparison here.
             if not hmac.compare_digest(expected, event.mac):
                 problem = (f"event {event.seq} does not match its mac (edited, inserted "
                            "or reordered)")

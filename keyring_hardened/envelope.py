@@ -113,11 +113,22 @@ def _kek_ad(vault_id: bytes, kek_version: int) -> bytes:
 
 
 def _seal(aead: Aead, plaintext: bytes, ad: bytes, rng: Rng) -> bytes:
+    """One blob: ``FORMAT_V1 || nonce || ciphertext || tag``, bound to ``ad``.
+
+    Every seal takes a fresh random 96-bit nonce from the OS CSPRNG: GCM's
+    security rests on never repeating a nonce under a key, and random nonces
+    are safe for the 2^32 seals per key that ``max_wraps`` stays far below.
+    """
     nonce = rng(NONCE_LEN)
     return _HEADER + nonce + aead.seal(nonce, plaintext, ad)
 
 
 def _open(aead: Aead, blob: bytes, ad: bytes) -> bytes:
+    """Check a blob's format and tag under ``ad`` and decrypt it, or raise DecryptFailed.
+
+    A blob moved to another place has other associated data, so its tag
+    fails exactly like a flipped byte does.
+    """
     if len(blob) < _MIN_BLOB or blob[0] != FORMAT_V1:
         raise DecryptFailed("format")
     return aead.open(blob[1:1 + NONCE_LEN], blob[1 + NONCE_LEN:], ad)

@@ -83,8 +83,10 @@ def _rekey_lock(home: Path, wait: bool) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield True
-        return
+        # Without a lock two rekeys could interleave their file steps: refuse
+        # rather than pretend (the read path then never finishes a journal).
+        raise UsageError("key rekey needs file locking (flock), which this platform "
+                         "lacks") from None
     from ._files import open_trusted
     from .errors import StorageError
 

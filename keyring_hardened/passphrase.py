@@ -86,6 +86,12 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
 
 
 def _run_command(argv: tuple[str, ...]) -> str:
+    """Run ``passphrase_command`` and return its first line: the passphrase.
+
+    No shell, a scrubbed environment, its own session (a timeout kills the
+    whole group), a bounded wait and a capped answer; its stderr is never
+    shown, since a failing helper may print what it was given.
+    """
     import subprocess  # only here: it costs import time on every unlock otherwise
 
     # argv, never a shell: the command line in config is not interpreted.
@@ -101,7 +107,8 @@ def _run_command(argv: tuple[str, ...]) -> str:
     except OSError as exc:
         raise LockedError(f"passphrase_command: cannot run {argv[0]!r}: {exc.strerror}") from None
     deadline = time.monotonic() + _COMMAND_TIMEOUT
-    assert proc.stdout is not None  # noqa: S101 - stdout=PIPE above
+    if proc.stdout is None:  # pragma: no cover - stdout=PIPE above
+        raise LockedError("passphrase_command: no output pipe")
     try:
         line = _read_line(proc.stdout.fileno(), deadline)
         if line is None:

@@ -181,6 +181,7 @@ class RootKey:
 
     def matches(self, vault_id: bytes, stored: bytes) -> bool:
         """Whether this key is the one the vault was made with (constant time)."""
+        # Constant time: how many bytes matched must not leak through timing.
         return hmac.compare_digest(self.verifier(vault_id), stored)
 
     def close(self) -> None:
