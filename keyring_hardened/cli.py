@@ -458,16 +458,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     """Write the head of the chain (seq and mac) for safekeeping elsewhere."""
+    to_file = bool(args.file and args.file != "-")
+    path = _out_path(args.file, "checkpoint") if to_file else None
     with _open(args) as store:
-        doc = store.trail.checkpoint()
-    text = json.dumps(doc) + "\n"
-    if args.file and args.file != "-":
-        from ._files import write_private
-
-        write_private(_out_path(args.file, "checkpoint"), [text.rstrip("\n")])
+        doc = store.trail.checkpoint(path)
+    if to_file:
         sys.stderr.write(f"checkpoint at event {doc['seq']} written to {args.file}\n")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(json.dumps(doc) + "\n")
     return 0
 
 

@@ -233,12 +233,19 @@ class AuditTrail:
 
         return self._store._run("audit-export", None, None, body)
 
-    def checkpoint(self) -> dict[str, Any]:
-        """The head of the chain (seq and mac) to keep somewhere else."""
+    def checkpoint(self, path: Path | None = None) -> dict[str, Any]:
+        """The head of the chain (seq and mac) to keep somewhere else; written to ``path``.
+
+        The file is written inside the operation, so a file that cannot be
+        written fails the operation and its audit event says so.
+        """
         def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
             seq, mac = storage.audit_head()
-            return {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
-                    "seq": seq, "mac": mac.hex()}
+            doc = {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
+                   "seq": seq, "mac": mac.hex()}
+            if path is not None:
+                write_private(path, [json.dumps(doc)])
+            return doc
 
         return self._store._run("audit-checkpoint", None, None, body)
 
