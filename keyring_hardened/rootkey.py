@@ -8,13 +8,17 @@ derives two keys from it:
 * the *verifier key*, whose HMAC over the vault id is stored so that a wrong
   key or passphrase is told apart from tampered key records.
 
-The *vault key* is random, made at ``init`` and stored wrapped like a KEK, so
-it survives a rekey of the root key. HKDF derives from it:
+The *vault key* is random, stored only wrapped under the root key, and
+replaced by every ``key rekey`` (a new *key epoch*; earlier epochs' vault
+keys are kept wrapped under the current one). HKDF derives from it:
 
-* the *record key*, which MACs each credential's head row (current and last
-  version), so a pointer moved back to an older version is detected;
-* the *audit key*, which chains the audit trail's HMACs, and the
-  *identifier key*, which hashes names when ``hmac_identifiers`` is on.
+* the *audit key*, which chains the audit trail's HMACs and so
+  authenticates the state root every event carries;
+* the *identifier key*, which hashes names when ``hmac_identifiers`` is on
+  (the oldest epoch's is used, so hashes survive rekeys);
+* the key that wraps the earlier epochs' vault keys;
+* the *record key*, which MACed each head row in keyring-hardened 0.1 and
+  is used now only to check such a vault once, when it is upgraded.
 
 The KDF (Argon2id or PBKDF2) runs once per unlock, never per credential.
 """
