@@ -321,3 +321,18 @@ def test_ansible_test_units(ansible_test_tree: Path) -> None:
                           text=True, check=False, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     assert re.search(r"\d+ passed", done.stdout)
+
+
+def test_lookup_ignores_the_controllers_keyring_settings(collections_path: Path, vault: Path,
+                                                         tmp_path: Path) -> None:
+    # The lookup calls the core, never keyring.get_password: a keyring backend
+    # chosen by environment or keyringrc cannot redirect it to another store.
+    cfg = tmp_path / "keyring-config"
+    cfg.mkdir()
+    (cfg / "keyringrc.cfg").write_text("[backend]\ndefault-keyring=keyring.backends.fail.Keyring\n")
+    done = playbook(collections_path, vault, """
+        - ansible.builtin.assert:
+            that: lookup('hardened.keyring.credential', 'api', username='deploy') == 'api-token'
+    """, env={"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+              "XDG_CONFIG_HOME": str(tmp_path), "KEYRING_PROPERTY_HOME": "/nonexistent"})
+    assert done.returncode == 0, done.stdout + done.stderr
