@@ -14,8 +14,6 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER = ROOT / "docs" / "claims.md"
 PROVEN = "## Proven claims"
@@ -120,7 +118,8 @@ def test_ledger_has_only_proven_claims() -> None:
     text = LEDGER.read_text("utf-8")
     assert PROVEN in text
     assert PENDING not in text, "a claim awaits a proof: write its test or remove the claim"
-    assert ledger() and all(row.proven for row in ledger())
+    assert ledger()
+    assert all(row.proven for row in ledger())
 
 
 def test_ids_are_well_formed_and_unique() -> None:
