@@ -39,7 +39,7 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	rm -f .coverage .coverage.*
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" COVERAGE_PROCESS_START="$(CURDIR)/pyproject.toml" \
-		$(PY) -m pytest -p no:cacheprovider --cov --cov-branch --cov-report=
+		$(PY) -m pytest -p no:cacheprovider -n 2 --cov --cov-branch --cov-report=
 	# pytest-cov has usually combined everything already; combine what is left, if any.
 	if ls .coverage.* >/dev/null 2>&1; then $(PY) -m coverage combine -q --append; fi
 	# The gate: the whole package, CLI and backend included.
