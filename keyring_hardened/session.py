@@ -433,7 +433,12 @@ class Session:
         cfg = config if config is not None else load_config(location.config_file,
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
-        if location.database.exists():
+        try:
+            exists = location.database.exists()
+        except OSError as exc:  # an unreadable home: name it, never a raw OSError
+            raise StorageError(f"vault home {location.home} cannot be read: {exc.strerror}"
+                               ) from None
+        if exists:
             raise UsageError(f"a vault already exists at {location.home}; "
                              "init never overwrites one")
         if kdf is not None and not passphrase_mode:

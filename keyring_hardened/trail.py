@@ -226,7 +226,7 @@ class AuditTrail:
         """Write every kept event, with chain fields, to ``path``; returns the count."""
         def body(storage: SQLiteStorage, note: _Note) -> int:
             anchor_seq, anchor_mac = storage.audit_anchor()
-            note.reason = str(path)
+            note.reason = _path_text(path)
             events = list(storage.events(after=anchor_seq))
             return _write_jsonl(path, self._header(storage, anchor_seq, anchor_mac, events),
                                 events)
@@ -282,6 +282,16 @@ class AuditTrail:
         if moved:
             self._store._checkpoint("prune")
         return moved
+
+
+def _path_text(path: Path) -> str:
+    """A path as the trail records it; a name that is not UTF-8 is refused, not mangled."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the file name must be UTF-8 text") from None
+    return text
 
 
 def _last_prune(storage: SQLiteStorage) -> int:

@@ -259,3 +259,11 @@ def test_status_says_whether_a_first_set_made_the_vault(tmp_path: Path) -> None:
     made = tmp_path / "made"
     assert run_cli("init", home=made).returncode == 0
     assert json.loads(run_cli("status", "--json", home=made).stdout)["created_implicitly"] is False
+
+
+def test_export_to_a_name_that_is_not_utf8_is_refused_by_the_core(store: Store,
+                                                                   tmp_path: Path) -> None:
+    bad = Path(os.fsdecode(bytes(tmp_path) + b"/\xff.jsonl"))
+    with pytest.raises(UsageError, match="UTF-8"):
+        store.trail.export(bad)
+    assert not os.path.exists(os.fsencode(bad))
