@@ -630,31 +630,29 @@ class SQLiteStorage:
     def heads_in_buckets(self, buckets: Iterable[int]) -> dict[int, list[HeadRow]]:
         """Every head of several buckets, each bucket's in (service, username) order."""
         found: dict[int, list[HeadRow]] = {b: [] for b in buckets}
-        for chunk in _chunks(list(found)):
-            marks = ",".join("?" * len(chunk))
-            for r in self._rows(
-                    # Only the number of placeholders varies.
-                    "SELECT bucket, id, service, username, current_version, last_version,"  # noqa: S608
-                    " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
-                    f" CAST(versions_digest AS BLOB) FROM credentials WHERE bucket IN ({marks})"
-                    " ORDER BY bucket, service, username", tuple(chunk)):
-                found[r[0]].append(HeadRow(*_typed(r[1:], _HEAD_TYPES, "credential record")))
+        for r in self._rows_in(
+                "SELECT bucket, id, service, username, current_version, last_version,"
+                " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
+                " CAST(versions_digest AS BLOB) FROM credentials WHERE bucket IN ({})"
+                " ORDER BY bucket, service, username", list(found)):
+            found[r[0]].append(HeadRow(*_typed(r[1:], _HEAD_TYPES, "credential record")))
         return found
+
+    def _rows_in(self, sql: str, keys: list[int]) -> Iterator[Any]:
+        """Rows of ``sql`` whose ``IN ({})`` takes ``keys``, a few hundred at a time."""
+        for chunk in _chunks(keys):
+            # Only the number of placeholders varies; the values are bound.
+            yield from self._rows(sql.format(",".join("?" * len(chunk))), tuple(chunk))
 
     def versions_of(self, head_ids: Iterable[int]) -> dict[int, list[VersionRow]]:
         """The kept versions of several credentials, each oldest first."""
         found: dict[int, list[VersionRow]] = {h: [] for h in head_ids}
-        for chunk in _chunks(list(found)):
-            marks = ",".join("?" * len(chunk))
-            for r in self._rows(
-                    # Only the number of placeholders varies.
-                    "SELECT credential_id, version, kek_version, CAST(wrapped_key AS BLOB),"  # noqa: S608
-                    " CAST(ciphertext AS BLOB), created_at, ttl, expires_at,"
-                    " CAST(digest AS BLOB) FROM secret_versions"
-                    f" WHERE credential_id IN ({marks}) ORDER BY credential_id, version",
-                    tuple(chunk)):
-                found[r[0]].append(VersionRow(*_typed(r[1:], _VERSION_TYPES,
-                                                      "version record")))
+        for r in self._rows_in(
+                "SELECT credential_id, version, kek_version, CAST(wrapped_key AS BLOB),"
+                " CAST(ciphertext AS BLOB), created_at, ttl, expires_at, CAST(digest AS BLOB)"
+                " FROM secret_versions WHERE credential_id IN ({})"
+                " ORDER BY credential_id, version", list(found)):
+            found[r[0]].append(VersionRow(*_typed(r[1:], _VERSION_TYPES, "version record")))
         return found
 
     def new_head(self, service: str, username: str, bucket: int, now: float) -> HeadRow:
