@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -978,6 +979,37 @@ def _apply_migrations(conn: sqlite3.Connection) -> None:
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+#: Descriptors of vault databases this process opened, by (device, inode): never
+#: closed. Closing *any* descriptor of a file drops every POSIX lock the process
+#: holds on it, SQLite's included (it locks through descriptors of its own):
+#: another process would then believe nobody has the database open and delete
+#: its WAL, and commits made here afterwards would be lost (SQLite's "How To
+#: Corrupt An SQLite Database File", section 2.2.1). So the header check reuses
+#: one descriptor per file for the life of the process.
+_HELD: dict[tuple[int, int], int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _held_descriptor(path: Path) -> int:
+    """A descriptor of ``path`` that is never closed, checked as a trusted file."""
+    from ._files import open_trusted, trust_problem
+    from .errors import ConfigError
+
+    st = os.lstat(path)
+    with _HELD_LOCK:
+        fd = _HELD.get((st.st_dev, st.st_ino))
+        if fd is not None:
+            # The same file as before: check it again through the descriptor.
+            problem = trust_problem(os.fstat(fd), path, "vault database")
+            if problem:
+                raise ConfigError(problem)
+            return fd
+        fd = open_trusted(path, "vault database")
+        held = os.fstat(fd)
+        _HELD[(held.st_dev, held.st_ino)] = fd
+        return fd
+
+
 def _check_header(path: Path) -> None:
     """Refuse a missing, empty, foreign or truncated database file before SQLite reads it.
 
@@ -986,13 +1018,11 @@ def _check_header(path: Path) -> None:
     database size in pages (valid when the change counter matches the
     version-valid-for number), so a file shorter than that is truncated.
     """
-    from ._files import open_trusted
-
     try:
         # Not followed if a link, never blocking on a FIFO, a regular file
         # owned by the user or root and closed to group and others: someone
         # else's vault.db would receive the secrets written to it.
-        fd = open_trusted(path, "vault database")
+        fd = _held_descriptor(path)
     except FileNotFoundError:
         raise VaultMissingError(f"no vault at {path.parent} (run: keyring-hardened init)") from None
     except OSError as exc:
@@ -1002,8 +1032,6 @@ def _check_header(path: Path) -> None:
         size = os.fstat(fd).st_size
     except OSError as exc:
         raise StorageError(f"vault database {path} cannot be read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
     if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
         raise IntegrityError(f"{path} is not a keyring-hardened vault (empty, truncated or "
                              "foreign file); refusing to use or re-initialise it")
