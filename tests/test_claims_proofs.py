@@ -890,3 +890,27 @@ def test_arguments_refused_before_the_vault_is_touched_are_not_audited(home: Pat
     assert _events(home) == before
     assert _rows(home, "SELECT count(*) FROM audit_pending") == [(0,)]
 
+
+
+# -- found while proving the purge claim -----------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: SQLiteStorage.open's _check_header opens and closes vault.db with a plain file "
+    "descriptor, which drops every POSIX lock this process's existing connection holds on it "
+    "(SQLite's 'How To Corrupt' 2.2.1); another process then takes itself for the last "
+    "connection and deletes the WAL, and this process's later commits go to the unlinked "
+    "WAL: invisible to others, and other processes' commits are lost when it checkpoints"))
+def test_a_second_open_in_one_process_keeps_every_commit_visible_and_durable(
+        home: Path) -> None:
+    Store.init(home).close()
+    first = Store.open(home)
+    try:
+        first.set("svc", "a", "1")
+        Store.open(home).close()  # a second open of the same vault in this process
+        assert run_cli("set", "svc", "b", home=home, stdin="2\n").returncode == 0
+        first.set("svc", "c", "3")
+        done = run_cli("get", "svc", "c", home=home)
+        assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
+    finally:
+        first.close()
