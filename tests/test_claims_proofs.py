@@ -23,6 +23,8 @@ import shutil
 import sqlite3
 import stat
 import struct
+import subprocess
+import sys
 import types
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -160,7 +162,7 @@ def test_fresh_random_nonces_check_catches_a_zero_nonce_mutant(
 
     monkeypatch.setattr(envelope, "_seal", zero_nonce_seal)
     reuse = _nonce_reuse(_seal_a_lot(home))
-    assert all(count > 0 for layer, count in reuse.items() if layer != "past vault key"), reuse
+    assert all(count > 0 for count in reuse.values()), reuse
     assert reuse["all layers"] > 200
 
 
@@ -343,7 +345,7 @@ def test_rootkey_close_wipes_every_buffer() -> None:
     buffers = [root._wrap_key, root._verifier_key]
     assert all(map(_is_key, buffers))
     root.close()
-    assert all(map(_is_zero, buffers))
+    assert [_is_zero(b) for b in buffers] == [True, True]
 
 
 def test_vaultkeys_close_wipes_every_buffer() -> None:
@@ -353,7 +355,7 @@ def test_vaultkeys_close_wipes_every_buffer() -> None:
     buffers = [vk.audit_key, vk.identifier_key, vk._record_key, vk._past_key]
     assert all(map(_is_key, buffers))
     vk.close()
-    assert all(map(_is_zero, buffers))
+    assert [_is_zero(b) for b in buffers] == [True] * 4
 
 
 def test_kek_wipe_zeroes_its_material() -> None:
@@ -361,7 +363,7 @@ def test_kek_wipe_zeroes_its_material() -> None:
     buffer = kek._material
     assert _is_key(buffer)
     kek.wipe()
-    assert _is_zero(buffer)
+    assert bytes(buffer) == bytes(32), "Kek.wipe left key material in its buffer"
 
 
 def _session_buffers(s: Store) -> dict[str, bytearray]:
@@ -483,11 +485,36 @@ def test_stored_kdf_parameters_out_of_range_are_refused_exit_3(
 # -- purge zeroes freed pages and truncates the WAL -------------------------------------
 
 
+@contextlib.contextmanager
+def _idle_reader(db: Path) -> Iterator[None]:
+    """Another process with the vault open and idle, as a long-lived keyring user would be.
+
+    It keeps the purging process from being the last connection, whose close
+    would fold the WAL anyway. It lives in a child process: closing any file
+    descriptor of ``vault.db`` in the process that holds a connection drops
+    that connection's POSIX locks, so the raw reads below must not share one.
+    """
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('SELECT count(*) FROM vault').fetchall(); print('ready', flush=True); "
+            "sys.stdin.read(); c.close()")
+    child = subprocess.Popen([sys.executable, "-c", code, str(db)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        yield
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
+        assert child.stdout is not None
+        child.stdout.close()
+
+
 def test_purge_zeroes_freed_pages_and_truncates_the_wal(home: Path) -> None:
     db, wal = home / "vault.db", home / "vault.db-wal"
-    # A reader's idle connection stays open throughout, so the purge's own
-    # checkpoint is what folds the WAL (a last connection closing would too).
-    with Store.init(home) as idle:
+    assert run_cli("init", home=home).returncode == 0
+    with _idle_reader(db):
         for i in range(3):
             done = run_cli("set", "svc", "alice", home=home, stdin=f"{CANARY}-{i}\n")
             assert done.returncode == 0, done.stderr
@@ -496,19 +523,18 @@ def test_purge_zeroes_freed_pages_and_truncates_the_wal(home: Path) -> None:
             home, "SELECT ciphertext, wrapped_key FROM secret_versions WHERE credential_id ="
                   " (SELECT id FROM credentials WHERE username = 'alice')") for b in row]
         assert len(secret_bytes) == 6
-
-        def raw() -> bytes:
-            return db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
-
-        before = raw()
-        assert all(b in before for b in secret_bytes)  # the check below can fail
+        assert wal.stat().st_size > 0
+        before = db.read_bytes() + wal.read_bytes()
+        assert all(b in before for b in secret_bytes)  # so the check below can fail
         done = run_cli("delete", "svc", "alice", "--purge", home=home)
         assert done.returncode == 0, done.stderr
         assert "note" not in done.stderr
-        assert not wal.exists() or wal.stat().st_size == 0
+        assert wal.exists()  # the reader kept it: the purge itself truncated it
+        assert wal.stat().st_size == 0
         on_disk = db.read_bytes()
         assert [b for b in secret_bytes if b in on_disk] == []
-        assert idle.get("svc", "bob").reveal() == "bob"
+    done = run_cli("get", "svc", "bob", home=home)
+    assert (done.returncode, done.stdout) == (0, "bob\n")
 
 
 # -- the audit chain's encoding and genesis, recomputed independently -----------------
@@ -536,7 +562,8 @@ def test_audit_chain_encoding_and_genesis_recomputed_from_the_documented_format(
                                e["epoch"], e["root"]],
                               separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         mac = hmac.new(audit_key, previous + encoding, hashlib.sha256).digest()
-        assert mac.hex() == e["mac"], e
+        assert mac.hex() == e["mac"], \
+            f"event {e['seq']} ({e['op']}): its mac is not the documented chain's"
         previous = mac
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[0]["op"] == "init"
@@ -629,9 +656,9 @@ def test_hashed_identifiers_never_show_names_in_sinks_or_exports(home: Path,
         named = [e for e in events if e["service"] is not None]
         assert len(named) >= 4
         for e in named:
-            assert HASHED.fullmatch(e["service"])
+            assert HASHED.fullmatch(e["service"]), e["service"]
             assert e["service"] == hashed(service)
-            assert HASHED.fullmatch(e["username"]), e
+            assert HASHED.fullmatch(e["username"]), e["username"]
         assert {e["username"] for e in named} == {hashed(user), hashed("nobody")}
 
 
@@ -647,8 +674,8 @@ def umask_000() -> Iterator[None]:
         os.umask(old)
 
 
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
+def _mode(path: Path) -> str:
+    return f"{stat.S_IMODE(path.stat().st_mode):04o}"
 
 
 @pytest.mark.usefixtures("umask_000")
@@ -661,8 +688,8 @@ def test_sink_checkpoint_and_export_files_are_0600_whatever_the_umask(
     assert run_cli("set", "svc", "u", home=home, stdin="x\n").returncode == 0
     assert run_cli("audit", "checkpoint", str(checkpoint), home=home).returncode == 0
     assert run_cli("audit", "export", str(export), home=home).returncode == 0
-    assert {p.name: _mode(p) for p in (sink, checkpoint, export)} == {
-        "sink.jsonl": 0o600, "head.json": 0o600, "out.jsonl": 0o600}
+    # sink, checkpoint, export
+    assert [_mode(p) for p in (sink, checkpoint, export)] == ["0600", "0600", "0600"]
 
 
 @pytest.mark.usefixtures("umask_000")
@@ -671,12 +698,10 @@ def test_wal_and_shm_files_are_0600_whatever_the_umask(home: Path) -> None:
         s.set("svc", "u", "x")
         companions = [home / "vault.db-wal", home / "vault.db-shm"]
         assert all(p.exists() for p in companions)
-        assert {p.name: _mode(p) for p in companions} == {"vault.db-wal": 0o600,
-                                                          "vault.db-shm": 0o600}
+        assert [_mode(p) for p in companions] == ["0600", "0600"]
     with Store.open(home) as s:  # made again by the next opener: the same mode
         s.get("svc", "u")
-        assert _mode(home / "vault.db-wal") == 0o600
-        assert _mode(home / "vault.db-shm") == 0o600
+        assert [_mode(p) for p in companions] == ["0600", "0600"]
 
 
 # -- replay of a whole older vault copy caught by a checkpoint ------------------------
@@ -698,8 +723,7 @@ def test_replay_of_a_whole_older_vault_copy_is_caught_by_a_checkpoint(
     assert run_cli("get", "svc", "alice", home=home).stdout == "old-value\n"
     assert run_cli("audit", "verify", home=home).returncode == 0  # self-consistent
     done = run_cli("audit", "verify", "--from-checkpoint", str(checkpoint), home=home)
-    assert done.returncode == 3, done.stderr
-    assert "audit chain broken" in done.stderr
+    assert (done.returncode, "audit chain broken" in done.stderr) == (3, True), done.stderr
 
 
 # -- get_credential(service, None) with several users ----------------------------------
@@ -866,3 +890,27 @@ def test_arguments_refused_before_the_vault_is_touched_are_not_audited(home: Pat
     assert _events(home) == before
     assert _rows(home, "SELECT count(*) FROM audit_pending") == [(0,)]
 
+
+
+# -- found while proving the purge claim -----------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: SQLiteStorage.open's _check_header opens and closes vault.db with a plain file "
+    "descriptor, which drops every POSIX lock this process's existing connection holds on it "
+    "(SQLite's 'How To Corrupt' 2.2.1); another process then takes itself for the last "
+    "connection and deletes the WAL, and this process's later commits go to the unlinked "
+    "WAL: invisible to others, and other processes' commits are lost when it checkpoints"))
+def test_a_second_open_in_one_process_keeps_every_commit_visible_and_durable(
+        home: Path) -> None:
+    Store.init(home).close()
+    first = Store.open(home)
+    try:
+        first.set("svc", "a", "1")
+        Store.open(home).close()  # a second open of the same vault in this process
+        assert run_cli("set", "svc", "b", home=home, stdin="2\n").returncode == 0
+        first.set("svc", "c", "3")
+        done = run_cli("get", "svc", "c", home=home)
+        assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
+    finally:
+        first.close()
