@@ -454,9 +454,12 @@ def test_file_sink_failure_does_not_undo(home: Path, tmp_path: Path,
 
 CONCURRENT = textwrap.dedent("""
     import sys
+    from keyring_hardened.config import Config
     from keyring_hardened.store import Store
     home, me = sys.argv[1], sys.argv[2]
-    with Store.open(home, actor=f"proc-{me}") as s:
+    # The chain under contention is the point, not latency: on a loaded
+    # machine a writer may wait its turn longer than the default 10 s.
+    with Store.open(home, actor=f"proc-{me}", config=Config(busy_timeout=120.0)) as s:
         for i in range(100):
             s.set("svc", f"{me}-{i}", "x")
             s.get("svc", f"{me}-{i}")
