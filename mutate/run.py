@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         # let Python cache their bytecode, or each CLI test's process compiles
         # them again (seconds each).
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        subprocess.run([str(mutmut), "run", "--max-children", MAX_CHILDREN, *globs],
+        subprocess.run([str(mutmut), "run", "--max-children", MAX_CHILDREN, *globs],  # noqa: S603
                        check=False, env=env)
     text = report(modules, equivalent)
     if not args.report_only:
