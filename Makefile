@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: all demo test lint bench ci clean
+.PHONY: all demo test lint bench mutate ci clean
 
 all: test
 
@@ -33,6 +33,15 @@ $(BENCH_VENV)/.installed: pyproject.toml $(wildcard keyring_hardened/*.py)
 	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install ".[bench]"
 	touch $@
 
+# Mutation testing of the security core (docs/testing.md); not part of test or CI.
+# Its own venv: mutmut runs the suite against mutated copies in mutants/.
+MUTATE_VENV ?= .venv-mutate
+$(MUTATE_VENV)/.installed: pyproject.toml
+	test -x $(MUTATE_VENV)/bin/python || $(PYTHON) -m venv $(MUTATE_VENV)
+	$(MUTATE_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip
+	$(MUTATE_VENV)/bin/python -m pip --disable-pip-version-check -q install -e ".[test,mutate]"
+	touch $@
+
 demo: $(VENV)/.installed-base
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) demo/demo.py
 
@@ -53,6 +62,11 @@ lint: $(VENV)/.installed-test
 
 bench: $(BENCH_VENV)/.installed
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python run.py --out results/latest.md $(BENCH_ARGS)
+
+# make mutate                         every module (cached: a rerun tests what changed)
+# make mutate MUTATE_ARGS="envelope"  some modules; --report-only prints the last report
+mutate: $(MUTATE_VENV)/.installed
+	PATH="$(CURDIR)/$(MUTATE_VENV)/bin:$$PATH" $(MUTATE_VENV)/bin/python mutate/run.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .coverage .coverage.* .mypy_cache .ruff_cache *.egg-info

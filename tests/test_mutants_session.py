@@ -1,0 +1,153 @@
+"""Tests that kill mutants of session.py which the rest of the suite let live.
+
+Several paths were reached only by tests that run the CLI in a child
+process (the 0.1 upgrade, a checkpoint blocked by a reader); these run
+them in-process, where a mutant can be told apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyring_hardened import audit
+from keyring_hardened.config import Config
+from keyring_hardened.errors import ExpiredError, IntegrityError, UsageError
+from keyring_hardened.store import Store
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1"
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> Path:
+    home = tmp_path / "legacy"
+    shutil.copytree(FIXTURE, home)
+    os.chmod(home, 0o700)
+    for f in home.iterdir():
+        os.chmod(f, 0o600)
+    return home
+
+
+def test_upgrade_in_process(legacy: Path, tmp_path: Path) -> None:
+    with Store.open(legacy, upgrade=True) as s:
+        old_events = s._storage.newest_events(100)
+        assert all(e.epoch is None for e in old_events)
+        message = s.upgrade()
+        assert "2 credentials" in message
+        assert "key epoch 2" in message
+        assert s._epoch == 2
+        assert s._vault.state_version == 1
+        assert s.get("svc", "user").reveal() == "value-3"
+        assert s.get("svc", "user", version=1).reveal() == "value-1"
+        event = s.trail.show(op="upgrade")[0]
+        assert (event.epoch, event.reason, event.key_version, event.outcome) == (
+            2, "from-0.1-2", None, "ok")
+        assert event.seq == max(e.seq for e in old_events) + 1
+        assert [e for e, _ in s._storage.past_keys()] == [1]
+        assert s.trail.verify().ok
+        # an export spans the 0.1 events (keyed by the oldest epoch) and the new ones
+        s.trail.export(tmp_path / "export.jsonl")
+        result = s.trail.verify_file(tmp_path / "export.jsonl")
+        assert result.ok
+        assert result.verified == len(old_events) + 5  # upgrade, two reads, show, verify
+        with pytest.raises(UsageError, match="already upgraded"):
+            s.upgrade()
+    with Store.open(legacy) as again:
+        assert again.get("svc", "user").reveal() == "value-3"
+        assert again.trail.verify().ok
+
+
+def test_upgrade_takes_the_oldest_identifier_key(legacy: Path) -> None:
+    cfg = Config(audit_hmac_identifiers=True)
+    with Store.open(legacy, upgrade=True, config=cfg) as s:
+        s.upgrade()
+        s.get("svc", "user")
+        hashed = s.trail.show(op="read")[0].service
+    with Store.open(legacy, config=cfg) as s:
+        s.get("svc", "user")
+        assert s.trail.show(op="read")[0].service == hashed
+
+
+@pytest.mark.parametrize(("statement", "reason"), [
+    ("UPDATE credentials SET current_version = 1 WHERE service = 'svc'", "head-mac"),
+    ("UPDATE credentials SET last_version = 9 WHERE service = 'svc'", "head-mac"),
+    ("UPDATE audit_events SET actor = 'mallory' WHERE seq = 2", "upgrade-trail"),
+    ("DELETE FROM audit_events WHERE seq = 2", "upgrade-trail"),
+])
+def test_upgrade_refuses_a_tampered_0_1_vault_and_changes_nothing(
+        legacy: Path, statement: str, reason: str) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        conn.execute(statement)
+    before = (legacy / "vault.db").read_bytes()
+    with Store.open(legacy, upgrade=True) as s:
+        with pytest.raises(IntegrityError) as info:
+            s.upgrade()
+        assert info.value.reason == reason
+        assert s._epoch == 1
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        assert conn.execute("SELECT state_version, generation FROM vault").fetchone() == (0, 1)
+    assert len(before) > 0
+
+
+@pytest.fixture
+def blocked(home: Path) -> Iterator[Store]:
+    """A store whose checkpoints a reader holding an old snapshot blocks."""
+    with Store.init(home, config=Config(busy_timeout=1.0)) as s:
+        s.set("svc", "alice", "one")
+        s.set("svc", "bob", "two")
+        reader = sqlite3.connect(home / "vault.db", isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM secret_versions").fetchone()
+            s.set("svc", "carol", "three")
+            yield s
+        finally:
+            reader.close()
+
+
+def test_a_blocked_checkpoint_is_a_notice(blocked: Store, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
+    with caplog.at_level(logging.WARNING, logger="keyring_hardened"):
+        blocked.delete("svc", "alice", purge=True)
+    assert len(blocked.notices) == 1
+    assert "purge is done" in blocked.notices[0]
+    assert "vault.db-wal" in blocked.notices[0]
+    assert [r.getMessage() for r in caplog.records] == blocked.notices
+
+
+def test_an_unblocked_purge_gives_no_notice(store: Store) -> None:
+    store.set("svc", "alice", "one")
+    store.delete("svc", "alice", purge=True)
+    assert store.notices == []
+    wal = store.location.database.with_name("vault.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_expiry_message_names_the_time_in_utc(home: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        s.set("svc", "u", "x", ttl=60)
+        now[0] += 60
+        with pytest.raises(ExpiredError, match="1970-01-12T13:47:40Z"):
+            s.get("svc", "u")
+
+
+def test_an_unlock_failure_reaches_the_sinks(home: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "sink.jsonl"
+    cfg = Config(audit_sinks=(f"file:{sink}",))
+    with Store.init(home, config=cfg) as s:
+        s.set("svc", "u", "x")
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.execute("UPDATE keks SET wrap_count = wrap_count + 1")
+    with pytest.raises(IntegrityError):
+        Store.open(home, config=cfg)
+    last = json.loads(sink.read_text().splitlines()[-1])
+    assert (last["op"], last["outcome"]) == ("unlock", "integrity")
+    assert audit.OUTCOMES.count(last["outcome"]) == 1

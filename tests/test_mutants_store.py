@@ -1,0 +1,260 @@
+"""Tests that kill mutants of store.py which the rest of the suite let live.
+
+Mostly the bounds of what the façade accepts, each tried at the limit and
+one past it, and the answers of list, usernames, history and status.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from keyring_hardened.config import Config
+from keyring_hardened.errors import ExpiredError, NotFoundError, UsageError
+from keyring_hardened.store import MAX_NAME_BYTES, MAX_SECRET_BYTES, Store
+
+from .conftest import FAST_KDF
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limits() -> None:
+    assert (MAX_NAME_BYTES, MAX_SECRET_BYTES) == (4096, 1 << 20)
+
+
+def test_names_up_to_4096_utf8_bytes(store: Store) -> None:
+    longest = "é" * 2048  # 4096 bytes in UTF-8, 2048 characters
+    store.set(longest, longest, "x")
+    assert store.get(longest, longest).reveal() == "x"
+    for bad in ("é" * 2048 + "a", "a" * 4097):
+        with pytest.raises(UsageError):
+            store.set(bad, "u", "x")
+        with pytest.raises(UsageError):
+            store.get("svc", bad)
+
+
+def test_secrets_up_to_one_mebibyte(store: Store) -> None:
+    store.set("svc", "u", "a" * MAX_SECRET_BYTES)
+    assert len(store.get("svc", "u").reveal()) == MAX_SECRET_BYTES
+    with pytest.raises(UsageError):
+        store.set("svc", "u", "a" * (MAX_SECRET_BYTES + 1))
+    with pytest.raises(UsageError):
+        store.set("svc", "u", "é" * (MAX_SECRET_BYTES // 2) + "a")
+
+
+def test_empty_service_is_refused_but_an_empty_username_is_not(store: Store) -> None:
+    with pytest.raises(UsageError):
+        store.set("", "u", "x")
+    store.set("svc", "", "x")
+    assert store.get("svc", "").reveal() == "x"
+    for call in (lambda: store.delete("", "u"), lambda: store.history("", "u"),
+                 lambda: store.rollback("", "u"), lambda: store.usernames("")):
+        with pytest.raises(UsageError):
+            call()
+
+
+@pytest.mark.parametrize("version", [0, -1, 2**63, True, 1.0, "1"])
+def test_version_arguments_out_of_range(store: Store, version: object) -> None:
+    store.set("svc", "u", "x")
+    with pytest.raises(UsageError):
+        store.get("svc", "u", version=version)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        store.rollback("svc", "u", to_version=version)  # type: ignore[arg-type]
+
+
+def test_largest_version_argument_is_accepted(store: Store) -> None:
+    store.set("svc", "u", "x")
+    with pytest.raises(NotFoundError):
+        store.get("svc", "u", version=2**63 - 1)
+    assert store.get("svc", "u", version=1).reveal() == "x"
+
+
+@pytest.mark.parametrize("ttl", [0, -5, True, "60", 100 * 365 * 86400 + 1])
+def test_ttl_out_of_range(store: Store, ttl: object) -> None:
+    with pytest.raises(UsageError):
+        store.set("svc", "u", "x", ttl=ttl)  # type: ignore[arg-type]
+
+
+def test_ttl_at_its_bounds_and_expiry_at_the_exact_second(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "long", "x", ttl=100 * 365 * 86400)
+        s.set("svc", "u", "x", ttl=60)
+        s.set("svc", "f", "x", ttl=0.5)
+        clock.now = 1_000_000.25
+        assert s.get("svc", "f").reveal() == "x"
+        clock.now = 1_000_060.0
+        with pytest.raises(ExpiredError):
+            s.get("svc", "u")
+        clock.now = 1_000_059.5
+        assert s.get("svc", "u").reveal() == "x"
+        history = s.history("svc", "u")
+        assert history[0].expires_at == 1_000_060.0
+        assert s.get("svc", "long").reveal() == "x"
+
+
+def test_an_old_version_expires_on_its_own_time(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "u", "one", ttl=10)
+        s.set("svc", "u", "two")
+        clock.now += 10
+        with pytest.raises(ExpiredError):
+            s.get("svc", "u", version=1)
+        assert s.get("svc", "u").reveal() == "two"
+        with pytest.raises(ExpiredError):
+            s.rollback("svc", "u")
+        assert s.rollback("svc", "u", allow_expired=True) == 3
+        entry = s.history("svc", "u")[0]
+        assert (entry.version, entry.current, entry.expires_at) == (3, True, clock.now + 10)
+        assert s.trail.show(op="rollback")[0].reason == "from-version-1"
+        clock.now += 9
+        assert s.get("svc", "u").reveal() == "one"
+
+
+def test_rollback_of_an_unexpired_version_at_the_bound(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "u", "one", ttl=10)
+        s.set("svc", "u", "two")
+        clock.now += 9.99
+        assert s.rollback("svc", "u") == 3
+        assert s.get("svc", "u").reveal() == "one"
+
+
+def test_rollback_picks_the_newest_earlier_version(store: Store) -> None:
+    for value in ("a", "b", "c"):
+        store.set("svc", "u", value)
+    assert store.rollback("svc", "u") == 4
+    assert store.get("svc", "u").reveal() == "b"
+    assert store.rollback("svc", "u", to_version=1) == 5
+    assert store.get("svc", "u").reveal() == "a"
+    with pytest.raises(UsageError) as info:
+        store.rollback("svc", "u", to_version=5)
+    assert info.value.reason == "already-current"
+    store.delete("svc", "u")
+    assert store.rollback("svc", "u") == 6
+    assert store.get("svc", "u").reveal() == "a"
+
+
+def test_deleted_credentials_and_their_errors(store: Store) -> None:
+    store.set("svc", "u", "x")
+    store.delete("svc", "u")
+    with pytest.raises(NotFoundError) as info:
+        store.get("svc", "u")
+    assert info.value.reason == "deleted"
+    with pytest.raises(NotFoundError) as info:
+        store.delete("svc", "u")
+    assert info.value.reason == "deleted"
+    assert store.credentials() == []
+    assert store.usernames("svc") == []
+    assert [v.version for v in store.history("svc", "u")] == [1]
+    assert not store.history("svc", "u")[0].current
+
+
+def test_usernames_most_recent_first_ties_by_creation(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        for name in ("a", "b", "c"):
+            s.set("svc", name, "x")
+        assert s.usernames("svc") == ["c", "b", "a"]
+        clock.now += 1
+        s.set("svc", "a", "y")
+        assert s.usernames("svc") == ["a", "c", "b"]
+        s.set("other", "z", "x")
+        assert s.usernames("svc") == ["a", "c", "b"]
+        assert s.usernames("absent") == []
+
+
+def test_credentials_lists_live_ones_with_their_version_and_time(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "a", "x")
+        clock.now += 5
+        s.set("svc", "a", "y")
+        s.set("web", "b", "x")
+        found = sorted(s.credentials())
+        assert [(c.service, c.username, c.version, c.updated_at) for c in found] == [
+            ("svc", "a", 2, 1_000_005.0), ("web", "b", 1, 1_000_005.0)]
+
+
+def test_history_newest_first_with_each_versions_kek(store: Store) -> None:
+    store.set("svc", "u", "a")
+    store.keys.rotate()
+    store.set("svc", "u", "b")
+    history = store.history("svc", "u")
+    assert [(h.version, h.kek_version, h.current) for h in history] == [(2, 2, True),
+                                                                       (1, 1, False)]
+
+
+def test_status_facts(home: Path) -> None:
+    clock = Clock()
+    cfg = Config(rotate_after=3600, max_wraps=5)
+    with Store.init(home, config=cfg, clock=clock) as s:
+        s.set("svc", "u", "x")
+        s.set("svc", "u", "y")
+        status = s.status()
+        assert status["mode"] == "key file"
+        assert status["key_file"] == str(home / "master.key")
+        assert status["key_epoch"] == 1
+        assert status["vault_id"] == s._vault.vault_id.hex()
+        rotation = status["rotation"]
+        assert rotation == {"active_version": 1, "rotate_after": 3600, "due_at": 1_003_600.0,
+                            "wraps_left": 3, "max_wraps": 5}
+        assert status["keys"][0]["versions"] == 2
+        assert status["keys"][0]["wrap_count"] == 2
+        assert status["warnings"] == []
+        for _ in range(3):
+            s.set("svc", "u", "z")
+        assert s.status()["rotation"]["wraps_left"] == 0
+    with Store.init(tmp_home(home), config=Config()) as s:
+        assert s.status()["rotation"]["due_at"] is None
+
+
+def tmp_home(home: Path) -> Path:
+    return home.parent / "second"
+
+
+def test_status_of_a_passphrase_vault_and_its_warnings(home: Path) -> None:
+    weak = Config(argon2_memory_kib=19456, argon2_iterations=2, argon2_lanes=1)
+    with Store.init(home, passphrase_mode=True, passphrase="long enough", config=weak) as s:
+        status = s.status()
+        assert status["mode"] == "passphrase"
+        assert status["key_file"] is None
+        assert status["warnings"] == []
+    stronger_memory = Config(argon2_memory_kib=19457, argon2_iterations=2, argon2_lanes=1)
+    with Store.open(home, passphrase="long enough", config=stronger_memory) as s:
+        assert any("below the configured" in w for w in s.status()["warnings"])
+    stronger_time = Config(argon2_memory_kib=19456, argon2_iterations=3, argon2_lanes=1)
+    with Store.open(home, passphrase="long enough", config=stronger_time) as s:
+        assert any("below the configured" in w for w in s.status()["warnings"])
+    (home / "master.key").write_bytes(os.urandom(32))
+    with Store.open(home, passphrase="long enough", config=weak) as s:
+        assert any("does not open this passphrase vault" in w for w in s.status()["warnings"])
+
+
+def test_pbkdf2_warning_only_below_the_configured_iterations(home: Path) -> None:
+    with Store.init(home, passphrase_mode=True, kdf="pbkdf2", passphrase="long enough",
+                    config=FAST_KDF) as s:
+        assert s.status()["warnings"] == []
+    more = Config(pbkdf2_iterations=600_001)
+    with Store.open(home, passphrase="long enough", config=more) as s:
+        assert any("600001" in w for w in s.status()["warnings"])
+
+
+def test_status_warns_for_a_database_others_can_read(store: Store, home: Path) -> None:
+    (home / "vault.db").chmod(0o604)
+    assert any("vault.db" in w for w in store.status()["warnings"])
+    (home / "vault.db").chmod(0o600)
+    home.chmod(0o710)
+    assert any(str(home) in w for w in store.status()["warnings"])
+    home.chmod(0o700)
+    assert store.status()["warnings"] == []
