@@ -70,7 +70,7 @@ _EXPECTED_OPS = "read, write, delete, list or admin"
 # Only a token of this shape is quoted back in a message: an operation name
 # or a short glob. Anything else (a pasted password, say) is never echoed.
 _ECHO = re.compile(r"[a-z*?\[\]!-]{1,12}")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_BARE_KEY = re.compile(r"[a-z_]{1,16}")
 
 
 class Identity(NamedTuple):
