@@ -6,6 +6,8 @@ No test sleeps: every clock is an explicit ``now``.
 from __future__ import annotations
 
 import math
+import textwrap
+import tomllib
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -90,6 +92,29 @@ def test_the_design_example_parses() -> None:
     assert limit.rate == 50.0
     assert limit.describe(0) == ("rate_limits[0]: 50 per 1s, burst 100 "
                                  "(actors *; services *; operations read)")
+
+
+def test_toml_as_tomllib_parses_it() -> None:
+    doc = tomllib.loads(textwrap.dedent("""
+        default_policy = "deny"
+
+        [[policies]]
+        actors = ["ci-*"]
+        services = ["ci/*"]
+        allow = ["read", "list"]
+
+        [[rate_limits]]
+        actors = ["*"]
+        services = ["*"]
+        operations = ["read"]
+        limit = 5
+        per = "10s"
+        burst = 5
+    """))
+    config = _config(doc)
+    assert config.default_policy == "deny"
+    assert config.policies[0].allow == frozenset({"read", "list"})
+    assert config.rate_limits[0].rate == 0.5
 
 
 def test_empty_document_is_allow_everything() -> None:
