@@ -33,7 +33,14 @@ needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
 
 def as_other(argv: list[str], env: dict[str, str], timeout: float = 60
              ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as uid/gid 65534 (nobody), the way a second user would."""
+    """Run ``argv`` as uid/gid 65534 (nobody), the way a second user would.
+
+    Without coverage's subprocess hook: that user cannot write the test run's
+    coverage data, and the failure would end the process with an error of
+    coverage's own.
+    """
+    env = {k: v for k, v in env.items()
+           if k != "COVERAGE_PROCESS_START" and not k.startswith("COV_CORE_")}
     return subprocess.run(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups",
                            *argv], env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
