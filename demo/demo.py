@@ -126,7 +126,18 @@ def main() -> int:
         book.write_text(PLAYBOOK, "utf-8")
         out = run(["ansible-playbook", "-i", "localhost,", str(book)], ansible_env)
         assert "ok=3" in out, out
-        run(["keyring-hardened", "audit", "show", "--actor", "ansible"], env)
+        shown = run(["keyring-hardened", "audit", "show", "--actor", "*ansible*"], env)
+        assert "ansible-playbook" in shown, shown
+
+        step("Writing an old row back is detected too: the state is authenticated as a whole")
+        with sqlite3.connect(home / "vault.db") as conn:
+            old = conn.execute("SELECT * FROM credentials WHERE service = 'api.example.com'"
+                               ).fetchone()
+        run(["keyring-hardened", "set", "api.example.com", "deploy"], env, stdin="newer-token")
+        with sqlite3.connect(home / "vault.db") as conn:
+            marks = ", ".join("?" * len(old))
+            conn.execute(f"REPLACE INTO credentials VALUES ({marks})", old)
+        run(["keyring-hardened", "get", "api.example.com", "deploy"], env, expect=3)
 
         step("Status")
         run(["keyring-hardened", "status"], env)
