@@ -215,9 +215,9 @@ def test_parse_since_reads_a_naive_date_in_local_time(monkeypatch: pytest.Monkey
 def test_parse_since_names_the_option_in_a_bad_duration() -> None:
     from keyring_hardened.errors import UsageError
 
-    with pytest.raises(UsageError, match="^since"):
+    with pytest.raises(UsageError, match=r"^since"):
         audit.parse_since("3xd", 0)
-    with pytest.raises(UsageError, match="^since"):
+    with pytest.raises(UsageError, match=r"^since"):
         audit.parse_since("not a date", 0)
 
 
