@@ -299,3 +299,19 @@ def test_prune_cutoff_is_exact_to_the_microsecond(home: Path, tmp_path: Path) ->
         now[0] = 1_000_010.5
         # keep 10 s: the cutoff is 1_000_000.5, between the two events
         assert s.trail.prune(tmp_path / "a.jsonl", keep=10) == 1
+
+
+def test_an_export_after_a_prune_starts_at_the_anchor_and_verifies(home: Path,
+                                                                   tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        s.set("svc", "u", "x")
+        now[0] += 100
+        assert s.trail.prune(tmp_path / "archive.jsonl", keep=50) == 2
+        s.set("svc", "u", "y")
+        path = tmp_path / "export.jsonl"
+        s.trail.export(path)
+        header = _lines(path)[0]
+        assert header["anchor_seq"] == 2
+        assert header["anchor_mac"] != bytes(32).hex()
+        assert s.trail.verify_file(path).ok
