@@ -315,3 +315,16 @@ def test_an_export_after_a_prune_starts_at_the_anchor_and_verifies(home: Path,
         assert header["anchor_seq"] == 2
         assert header["anchor_mac"] != bytes(32).hex()
         assert s.trail.verify_file(path).ok
+
+
+def test_a_checkpoint_against_an_empty_file_says_the_file_ends_at_its_anchor(
+        store: Store, tmp_path: Path) -> None:
+    header = store.trail._header(store._storage, 0, bytes(32), [])
+    path = tmp_path / "empty.jsonl"
+    _write(path, [header])
+    assert store.trail.verify_file(path).verified == 0
+    cp = {"format": "keyring-hardened audit v1", "vault_id": header["vault_id"], "seq": 1,
+          "mac": "00" * 32}
+    with pytest.raises(IntegrityError, match="chain ends at 0 ") as info:
+        store.trail.verify_file(path, cp)
+    assert info.value.reason == "audit-truncated"
