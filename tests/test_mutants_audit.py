@@ -184,3 +184,45 @@ def test_outcomes_are_ok_and_exactly_the_kinds_of_every_error() -> None:
     assert audit.OUTCOMES[0] == "ok"
     assert set(audit.OUTCOMES[1:]) == kinds
     assert len(audit.OUTCOMES) == len(kinds) + 1
+
+
+def test_parse_since_today_is_midnight_to_the_microsecond(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert audit.parse_since("today", 1_700_000_000.654321) == 1_699_920_000.0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_parse_since_reads_a_naive_date_in_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        assert audit.parse_since("2023-11-14T00:00:00", 0) == 1_699_920_000.0 + 5 * 3600
+        assert audit.parse_since("2023-11-14T00:00:00Z", 0) == 1_699_920_000.0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_parse_since_names_the_option_in_a_bad_duration() -> None:
+    from keyring_hardened.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^since"):
+        audit.parse_since("3xd", 0)
+    with pytest.raises(UsageError, match=r"^since"):
+        audit.parse_since("not a date", 0)
+
+
+@pytest.mark.parametrize(("key", "value"), [("seq", True), ("ts_us", "5")])
+def test_export_form_names_the_bad_number(key: str, value: object) -> None:
+    doc = Event(1, 5, "a", "read", None, None, "ok", None, None).to_json()
+    with pytest.raises(TypeError, match=f"^{key}$"):
+        Event.from_json({**doc, key: value})

@@ -191,3 +191,15 @@ def test_wipe_zeroes_every_byte() -> None:
     kek = Kek(1, bytearray(b"\xaa" * 32))
     kek.wipe()
     assert kek._material == bytearray(32)
+
+
+def test_versions_up_to_32_bits_are_bound_unsigned() -> None:
+    big = 2**31 + 5
+    kek = Kek(big, bytearray(range(64, 96)))
+    place = Place(VAULT_ID, "svc", "alice", 2**32 - 1)
+    data_key = bytes(range(10, 42))
+    sealed = envelope.seal_secret(kek, place, b"pw", _fixed(data_key, NONCE, NONCE))
+    ad = (_field(b"kh1/dek") + _field(VAULT_ID) + _field(b"svc") + _field(b"alice")
+          + _field(b"\xff\xff\xff\xff") + _field(struct.pack(">I", big)))
+    assert sealed.wrapped_key == _blob(bytes(kek._material), data_key, ad)
+    assert envelope.open_secret(kek, place, sealed) == b"pw"

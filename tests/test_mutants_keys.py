@@ -12,7 +12,7 @@ import pytest
 from keyring_hardened import envelope, keys
 from keyring_hardened._aead import Aead, random_bytes
 from keyring_hardened.envelope import Kek
-from keyring_hardened.errors import IntegrityError, UsageError
+from keyring_hardened.errors import IntegrityError, LockedError, UsageError
 from keyring_hardened.location import Location
 from keyring_hardened.store import Store
 
@@ -266,3 +266,101 @@ def test_rekey_refuses_a_vault_rekeyed_by_another_process(store: Store, home: Pa
         store.keys.rekey(to="passphrase", passphrase=PASSPHRASE)
     assert info.value.reason == "rekey-race"
     assert store.mode == "key file"
+
+
+def test_rewrap_progress_counts_versions_not_credentials(store: Store) -> None:
+    store.set("svc", "u", "one")
+    store.set("svc", "u", "two")
+    store.keys.rotate()
+    calls: list[tuple[int, int]] = []
+    store.keys.rewrap(batch=1, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]
+    plan = store.trail.show(op="key-rewrap-plan")[0]
+    assert plan.key_version == 2
+
+
+def test_rewrap_time_is_an_elapsed_time(store: Store) -> None:
+    import time
+
+    summary = store.keys.rewrap()
+    assert 0 <= summary.seconds <= time.perf_counter()
+
+
+def test_a_manual_rotation_is_one_event(store: Store) -> None:
+    store.keys.rotate()
+    events = store.trail.show(op="key-rotate")
+    assert len(events) == 1
+    assert (events[0].reason, events[0].key_version) == ("manual", 2)
+
+
+def test_key_list_shows_when_each_version_was_made(home: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        now[0] += 10
+        s.keys.rotate()
+        assert [(k.version, k.created_at) for k in s.keys.versions()] == [
+            (1, 1_000_000.0), (2, 1_000_010.0)]
+
+
+def test_retire_of_versions_this_process_never_loaded(store: Store, home: Path) -> None:
+    with Store.open(home) as other:
+        other.keys.rotate()
+        other.keys.rotate()
+    assert set(store._keks) == {1}
+    assert store.keys.retire(3) == [1, 2]
+    assert set(store._keks) == set()
+    store.set("svc", "u", "x")  # loads version 3 on demand
+    assert store.get("svc", "u").reveal() == "x"
+
+
+def test_recovery_never_deletes_a_key_file_of_a_key_file_vault(store: Store, home: Path
+                                                               ) -> None:
+    store.close()
+    key = home / "master.key"
+    real = key.read_bytes()
+    key.write_bytes(os.urandom(32))  # a wrong key, left in place
+    (home / "rekey.json").write_text(json.dumps({"from_generation": 1}))
+    with pytest.raises(LockedError):
+        Store.open(home)
+    assert key.exists()
+    key.unlink()
+    (home / "rekey.json").write_text(json.dumps({"from_generation": 1}))
+    with pytest.raises(LockedError) as info:
+        Store.open(home)
+    assert info.value.reason == "no-key-file"
+    key.write_bytes(real)
+    key.chmod(0o600)
+    with Store.open(home) as s:
+        assert s.mode == "key file"
+
+
+REWRAP = """
+import sys
+from keyring_hardened.store import Store
+with Store.open(sys.argv[1]) as s:
+    s.keys.rewrap(batch=1)
+"""
+
+
+@pytest.mark.parametrize("point", ["rewrap-mid-batch", "rewrap-after-batch"])
+def test_rewrap_crash_points_are_where_they_are_named(store: Store, home: Path,
+                                                      point: str) -> None:
+    import subprocess
+    import sys
+
+    store.set("svc", "a", "one")
+    store.set("svc", "b", "two")
+    store.keys.rotate()
+    store.keys.rewrap(batch=1)  # in-process too: ties this test to rewrap for mutmut
+    store.keys.rotate()
+    store.close()
+    env = {**os.environ, "KEYRING_HARDENED_CRASH_AT": point}
+    done = subprocess.run([sys.executable, "-c", REWRAP, str(home)], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == -9, done.stderr
+    with Store.open(home) as s:
+        in_use = {k.version: k.data_keys for k in s.keys.versions()}
+        # mid-batch: the first batch died uncommitted; after a batch: one moved
+        assert in_use[3] == (0 if point == "rewrap-mid-batch" else 1)
+        assert s.get("svc", "a").reveal() == "one"
+        assert s.get("svc", "b").reveal() == "two"

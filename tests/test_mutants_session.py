@@ -151,3 +151,36 @@ def test_an_unlock_failure_reaches_the_sinks(home: Path, tmp_path: Path) -> None
     last = json.loads(sink.read_text().splitlines()[-1])
     assert (last["op"], last["outcome"]) == ("unlock", "integrity")
     assert audit.OUTCOMES.count(last["outcome"]) == 1
+
+
+def test_close_wipes_every_key_it_holds(home: Path) -> None:
+    with Store.init(home, config=Config(audit_hmac_identifiers=True)) as s:
+        s.set("svc", "u", "x")
+        s.keys.rotate()
+        keks = list(s._keks.values())
+        root, vkeys = s._root, s._vkeys
+        s._ident_key = bytearray(b"\x01" * 32)
+        ident = s._ident_key
+    assert len(keks) == 2
+    assert all(k._material == bytearray(32) for k in keks)
+    assert root._wrap_key == bytearray(32)
+    assert root._verifier_key == bytearray(32)
+    assert vkeys.audit_key == bytearray(32)
+    assert vkeys.identifier_key == bytearray(32)
+    assert ident == bytearray(32)
+    assert s._keks == {}
+    with pytest.raises(UsageError):
+        s.get("svc", "u")
+
+
+def test_rotation_by_age_at_the_exact_second(home: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, config=Config(rotate_after=3600), clock=lambda: now[0]) as s:
+        now[0] += 3599.5
+        s.set("svc", "u", "x")
+        assert [k.version for k in s.keys.versions()] == [1]
+        now[0] = 1_003_600.0
+        s.set("svc", "u", "y")
+        assert [k.version for k in s.keys.versions()] == [1, 2]
+        event = s.trail.show(op="key-rotate")[0]
+        assert (event.reason, event.key_version) == ("auto-age", 2)

@@ -145,3 +145,12 @@ def test_verify_path_reads_missing_nodes_as_empty_and_checks_the_root() -> None:
     assert state.verify_path(0xBEEF, d, nodes, meta, root)
     longer = {**nodes, (0, 0): nodes[(0, 0)] + bytes(32)}
     assert not state.verify_path(0xBEEF, d, longer, meta, root)
+
+
+def test_bucket_and_fields_take_any_str_even_a_lone_surrogate() -> None:
+    name = "svc\ud800"
+    raw = name.encode("utf-8", "surrogatepass")
+    expected = int.from_bytes(hashlib.sha256(b"kh-state-v1/bucket\x00" + raw).digest()[:2],
+                              "big")
+    assert state.bucket_of(name) == expected
+    assert state._field(name) == b"S" + struct.pack(">I", len(raw)) + raw

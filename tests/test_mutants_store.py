@@ -258,3 +258,23 @@ def test_status_warns_for_a_database_others_can_read(store: Store, home: Path) -
     assert any(str(home) in w for w in store.status()["warnings"])
     home.chmod(0o700)
     assert store.status()["warnings"] == []
+
+
+def _same_bucket(service: str) -> str:
+    from keyring_hardened.state import bucket_of
+
+    target = bucket_of(service)
+    for i in range(1_000_000):
+        if bucket_of(f"n{i}") == target:
+            return f"n{i}"
+    raise AssertionError("no name found")
+
+
+def test_usernames_keep_to_their_service_within_a_bucket(store: Store) -> None:
+    neighbour = _same_bucket("svc")
+    store.set("svc", "alice", "x")
+    store.set(neighbour, "mallory", "x")
+    assert store.usernames("svc") == ["alice"]
+    assert store.usernames(neighbour) == ["mallory"]
+    event = store.trail.show(op="lookup")[0]
+    assert (event.service, event.username) == (neighbour, None)

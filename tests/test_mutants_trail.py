@@ -250,3 +250,81 @@ def test_a_prune_event_with_a_bad_range_is_refused(store: Store) -> None:
         with pytest.raises(IntegrityError) as info:
             trail._last_prune(Fake(reason))  # type: ignore[arg-type]
         assert info.value.reason == "audit-chain-7"
+
+
+def test_each_trail_operation_is_audited_under_its_own_name(
+        store: Store, exported: tuple[Path, list[dict[str, Any]]]) -> None:
+    path, _ = exported
+    export = store.trail.show(op="audit-export")
+    assert [e.reason for e in export] == [str(path)]
+    store.trail.verify_file(path)
+    store.trail.checkpoint()
+    store.trail.verify()
+    ops = [(e.op, e.reason) for e in store.trail.show(limit=3)]
+    assert ops == [("audit-verify", None), ("audit-checkpoint", None), ("audit-verify", "file")]
+
+
+def test_a_checkpoint_at_the_anchor_with_another_mac_is_a_mismatch(home: Path,
+                                                                  tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        s.set("svc", "alice", "one")
+        now[0] += 100
+        cp = s.trail.checkpoint()
+        s.trail.prune(tmp_path / "archive.jsonl", keep=50)
+        anchor_seq, _ = s._storage.audit_anchor()
+        with pytest.raises(IntegrityError) as info:
+            s.trail.verify({**cp, "seq": anchor_seq, "mac": "00" * 32})
+        assert info.value.reason in ("audit-checkpoint-mismatch", "audit-truncated")
+
+
+def test_checkpoint_errors_name_the_events(store: Store, tmp_path: Path) -> None:
+    store.set("svc", "alice", "one")
+    cp = store.trail.checkpoint()
+    with pytest.raises(IntegrityError, match="at event 2:"):
+        store.trail.verify({**cp, "seq": 2, "mac": "00" * 32})
+    path = tmp_path / "e.jsonl"
+    store.trail.export(path)
+    with pytest.raises(IntegrityError, match="chain ends at 4 "):
+        store.trail.verify_file(path, {**cp, "seq": 9})
+    with pytest.raises(IntegrityError, match="at event 2:"):
+        store.trail.verify_file(path, {**cp, "seq": 2, "mac": "00" * 32})
+
+
+def test_prune_cutoff_is_exact_to_the_microsecond(home: Path, tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:  # event 1 at 1_000_000.0
+        now[0] = 1_000_000.9
+        s.set("svc", "u", "x")  # event 2 at 1_000_000.9
+        now[0] = 1_000_010.5
+        # keep 10 s: the cutoff is 1_000_000.5, between the two events
+        assert s.trail.prune(tmp_path / "a.jsonl", keep=10) == 1
+
+
+def test_an_export_after_a_prune_starts_at_the_anchor_and_verifies(home: Path,
+                                                                   tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        s.set("svc", "u", "x")
+        now[0] += 100
+        assert s.trail.prune(tmp_path / "archive.jsonl", keep=50) == 2
+        s.set("svc", "u", "y")
+        path = tmp_path / "export.jsonl"
+        s.trail.export(path)
+        header = _lines(path)[0]
+        assert header["anchor_seq"] == 2
+        assert header["anchor_mac"] != bytes(32).hex()
+        assert s.trail.verify_file(path).ok
+
+
+def test_a_checkpoint_against_an_empty_file_says_the_file_ends_at_its_anchor(
+        store: Store, tmp_path: Path) -> None:
+    header = store.trail._header(store._storage, 0, bytes(32), [])
+    path = tmp_path / "empty.jsonl"
+    _write(path, [header])
+    assert store.trail.verify_file(path).verified == 0
+    cp = {"format": "keyring-hardened audit v1", "vault_id": header["vault_id"], "seq": 1,
+          "mac": "00" * 32}
+    with pytest.raises(IntegrityError, match="chain ends at 0 ") as info:
+        store.trail.verify_file(path, cp)
+    assert info.value.reason == "audit-truncated"
