@@ -69,4 +69,4 @@ mutate: $(MUTATE_VENV)/.installed
 	PATH="$(CURDIR)/$(MUTATE_VENV)/bin:$$PATH" $(MUTATE_VENV)/bin/python mutate/run.py $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .coverage .coverage.* .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(MUTATE_VENV) mutants .coverage .coverage.* .mypy_cache .ruff_cache *.egg-info

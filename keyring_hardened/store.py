@@ -61,8 +61,9 @@ def _check_name(what: str, value: object, *, allow_empty: bool) -> str:
 
 def _check_version(version: object) -> None:
     """A version number given by a caller: a positive integer that SQLite can hold."""
+    # Versions are bound into associated data as 32-bit numbers (envelope).
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                or not 1 <= version < 2**63):
+                                or not 1 <= version < 2**32):
         raise UsageError("version must be a positive integer")
 
 

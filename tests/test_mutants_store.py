@@ -71,9 +71,13 @@ def test_version_arguments_out_of_range(store: Store, version: object) -> None:
 
 
 def test_largest_version_argument_is_accepted(store: Store) -> None:
+    # Versions are 32-bit in the envelope's associated data: the largest is accepted
+    # (and not kept), one more is a usage error, never a struct.error.
     store.set("svc", "u", "x")
     with pytest.raises(NotFoundError):
-        store.get("svc", "u", version=2**63 - 1)
+        store.get("svc", "u", version=2**32 - 1)
+    with pytest.raises(UsageError):
+        store.get("svc", "u", version=2**32)
     assert store.get("svc", "u", version=1).reveal() == "x"
 
 
