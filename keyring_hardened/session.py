@@ -750,9 +750,7 @@ class Session:
         if not tx.touched and not tx.meta_dirty:
             return tx.root
         digests = {}
-        touched = storage.heads_in_buckets(tx.touched) if len(tx.touched) > 1 else {
-            b: storage.heads_in_bucket(b) for b in tx.touched}
-        for bucket, heads in touched.items():
+        for bucket, heads in storage.heads_in_buckets(tx.touched).items():
             digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
             tx.buckets[bucket] = heads
         changed: dict[state.NodeKey, bytes] = dict(state.update_paths(digests, tx.nodes))

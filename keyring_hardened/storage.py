@@ -603,11 +603,6 @@ class SQLiteStorage:
              "updated_at, CAST(mac AS BLOB), expires_at, CAST(versions_digest AS BLOB)"
              " FROM credentials")
 
-    def heads_in_bucket(self, bucket: int) -> list[HeadRow]:
-        """Every head stored in a state bucket, in (service, username) order."""
-        return [HeadRow(*_typed(r, _HEAD_TYPES, "credential record")) for r in self._rows(
-            self._HEAD + " WHERE bucket = ? ORDER BY service, username", (bucket,))]
-
     def bucket_rows(self, bucket: int) -> tuple[list[HeadRow], dict[int, list[VersionRow]]]:
         """A bucket's heads, and the kept versions of each, in one query."""
         heads: list[HeadRow] = []

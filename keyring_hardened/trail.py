@@ -169,7 +169,6 @@ class AuditTrail:
                 raise IntegrityError(f"audit file {path} belongs to another vault", "vault-id")
             keys = self._keys(storage)
             anchor_seq = header["anchor_seq"]
-            anchor_epoch = None
             if header["format"] == FORMAT_2:
                 key = keys.get(header["epoch"])
                 if key is None or not hmac.compare_digest(_header_mac(key, header),
@@ -177,7 +176,7 @@ class AuditTrail:
                     raise IntegrityError(f"audit file {path}: its header does not match its "
                                          "mac (edited?)", "audit-file-header")
             result = audit.verify(keys, events, anchor_seq, bytes.fromhex(header["anchor_mac"]),
-                                  legacy_epoch=min(keys), anchor_epoch=anchor_epoch)
+                                  legacy_epoch=min(keys))
             _raise_if_bad(result)
             if header["format"] != FORMAT_2:
                 raise IntegrityError(f"audit file {path}: the chain of its {result.verified} "
