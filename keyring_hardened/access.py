@@ -449,14 +449,15 @@ MAX_UNLOCK_DELAY = 900.0
 def throttle_delay(failures: int) -> float:
     """Seconds to wait after ``failures`` consecutive failed unlocks.
 
-    None for up to 5 failures; then 1 s, doubling with each further failure,
-    up to 15 minutes (0, ..., 0, 1, 2, 4, ..., 512, 900, 900, ...).
+    The first five attempts are free. After the fifth failure each further
+    attempt waits 1 s, doubling with each failure, up to 15 minutes
+    (failures 0-4: none; 5: 1 s; 6: 2 s; ...; 14: 512 s; 15 and more: 900 s).
     """
     extra = failures - FREE_FAILURES
-    if extra <= 0:
+    if extra < 0:
         return 0.0
     # Cap the exponent before raising: a huge stored count must not build a huge int.
-    return min(MAX_UNLOCK_DELAY, float(2 ** min(extra - 1, 10)))
+    return min(MAX_UNLOCK_DELAY, float(2 ** min(extra, 10)))
 
 
 def throttle_check(failures: int, last_failure_at: float, now: float) -> tuple[bool, float]:

@@ -379,6 +379,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")
     print(f"audit events: {info['audit_events']}")
+    if info["sealed"] is not None:
+        print(f"sealed: since {_stamp(info['sealed']['since'])} by "
+              f"{_shown(info['sealed']['by'])}; credential requests are refused until "
+              f"{PROG} unseal")
+    else:
+        print("sealed: no")
     for k in info["keys"]:
         print(f"key version {k['version']}: {k['state']}, created {_stamp(k['created_at'])}, "
               f"{k['versions']} versions, {k['wrap_count']} wraps")
@@ -409,6 +415,61 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print(f"config file {config.path}: OK")
     return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Seal the vault: refuse every credential request until unseal (emergency stop)."""
+    with _open(args) as store:
+        store.seal()
+    sys.stderr.write(f"{PROG}: sealed: every credential request is refused (exit 6) until "
+                     f"{PROG} unseal\n")
+    return 0
+
+
+def cmd_unseal(args: argparse.Namespace) -> int:
+    """Lift the seal, after proving the root key (the key file, or the passphrase) again."""
+    from pathlib import Path
+
+    key_file = Path(args.key_file) if args.key_file else None
+    with _open(args) as store:
+        store.unseal(prompt=_prompt_once if _tty() else None, key_file=key_file)
+    sys.stderr.write(f"{PROG}: unsealed\n")
+    return 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    """Explain what access control would do with a request (exit 0 allowed, 4 denied, 5 limited)."""
+    from .location import default_actor
+
+    with _open(args) as store:
+        found = store.explain(args.actor if args.actor is not None else default_actor(),
+                              args.op, args.service)
+    code = 0 if found.allowed and not found.limited else 4 if not found.allowed else 5
+    verdict = {0: "allowed", 4: "denied", 5: "rate limited now"}[code]
+    if args.json:
+        print(_json({"actor": found.actor, "op": found.op, "service": found.service,
+                     "decision": "allow" if found.allowed else "deny", "reason": found.reason,
+                     "result": verdict, "configured": not found.unconfigured,
+                     "sealed": found.seal is not None,
+                     "limits": [{"rule": lim.rule, "tokens": round(lim.tokens, 3),
+                                 "retry_after": round(lim.retry_after, 3)}
+                                for lim in found.limits]}))
+        return code
+    target = "the whole vault" if found.service is None else f"service {_shown(found.service)}"
+    print(f"request: actor {_shown(found.actor)}, {found.op} {target}")
+    if found.unconfigured:
+        print("policy: none configured (default_policy allow)")
+    print(f"decision: {'allow' if found.allowed else 'deny'}: {_one_line(found.reason)}")
+    if not found.limits:
+        print("rate limits: none apply")
+    for lim in found.limits:
+        wait = f"; next token in {lim.retry_after:.1f} s" if lim.retry_after else ""
+        print(f"rate limit: {_one_line(lim.rule)}: {lim.tokens:.2f} tokens now{wait}")
+    if found.seal is not None:
+        print(f"note: the vault is sealed (since {_stamp(found.seal[0])}); every credential "
+              "request is refused until unseal")
+    print(f"result: {verdict}")
+    return code
 
 
 #: A checkpoint is one short JSON line.
@@ -667,6 +728,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    add("seal", cmd_seal)
+    p = add("unseal", cmd_unseal)
+    p.add_argument("--key-file", metavar="PATH",
+                   help="prove the root key with this key file (default: the vault's own)")
+    policy = sub.add_parser("policy", help="access policy commands", parents=[common],
+                            description="Access policies and rate limits.")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    doc = (cmd_policy_test.__doc__ or "").split("\n")[0]
+    p = policy_sub.add_parser("test", help="explain a request's decision", description=doc,
+                              parents=[common])
+    p.add_argument("--actor", metavar="A", help="the actor (default: this process's own)")
+    p.add_argument("--service", metavar="S",
+                   help="the service (leave out for admin, or list of the whole vault)")
+    p.add_argument("--op", required=True, choices=["read", "write", "delete", "list", "admin"])
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_policy_test)
 
     keys = sub.add_parser("key", help="key management commands", parents=[common],
                           description="Key management: list, rotate, rewrap, retire, rekey.")

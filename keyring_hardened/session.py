@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import os
 import struct
 import threading
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
-from . import audit, envelope, state
+from . import audit, envelope, gate, state
 from ._seams import crash_point
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
@@ -49,7 +50,15 @@ from .rootkey import (
     derive_from_passphrase,
     read_key_file,
 )
-from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
+from .storage import (
+    BucketRow,
+    HeadRow,
+    KekRecord,
+    SQLiteStorage,
+    VaultMissingError,
+    VaultRecord,
+    VersionRow,
+)
 
 if TYPE_CHECKING:
     from .keys import KeyManager
@@ -113,6 +122,10 @@ class Meta(NamedTuple):
     keks: list[KekRecord]
     past_keys: list[tuple[int, bytes]]
     anchor: tuple[int, bytes]
+    #: (since, by whom) when sealed.
+    seal: tuple[float, str] | None = None
+    #: Rate-limit buckets short of tokens, in (rule, actor) order.
+    buckets: list[BucketRow] = []  # noqa: RUF012 - a NamedTuple default, never mutated
 
     @property
     def active(self) -> KekRecord:
@@ -181,13 +194,52 @@ def _source(cfg: Config, passphrase: str | None,
     return get
 
 
+#: Failed unlocks that are guesses, and count in the unlock throttle. A missing
+#: key file or passphrase is a setup problem, not a guess.
+_GUESSES = frozenset({"wrong-key", "wrong-passphrase"})
+
+
 def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
                     exc: HardenedError) -> None:
     """Keep a failed unlock for the trail; it is chained at the next good unlock."""
     # The unlock failed anyway; a vault we cannot write (read-only media)
     # must still answer with the real reason, not a storage error.
+    now = clock()
     with contextlib.suppress(HardenedError):
-        storage.add_pending(int(clock() * 1_000_000), actor, "unlock", exc.kind, exc.reason)
+        storage.add_pending(int(now * 1_000_000), actor, "unlock", exc.kind, exc.reason,
+                            failed_unlock_at=now if exc.reason in _GUESSES else None)
+
+
+def _count_failed_unlock(storage: SQLiteStorage, now: float) -> None:
+    """Count one wrong guess in the unlock throttle (its own transaction)."""
+    with contextlib.suppress(HardenedError), storage.transaction():
+        failures, _ = storage.unlock_throttle()
+        storage.set_unlock_throttle(min(failures + 1, 1 << 30), now)
+
+
+def _throttle(storage: SQLiteStorage, clock: Clock) -> int:
+    """Refuse an unlock attempt while the failed-unlock backoff runs; claim the attempt.
+
+    Returns the count of failures in a row found (0 in the common case, read
+    without a write). Past the free attempts, an allowed attempt restarts
+    the wait before it runs, in one transaction, so processes guessing side
+    by side get one attempt per wait between them, not one each.
+    """
+    from .access import FREE_FAILURES, throttle_check
+
+    failures, _ = storage.unlock_throttle()
+    if failures < FREE_FAILURES:
+        return failures
+    with storage.transaction():
+        failures, last_at = storage.unlock_throttle()
+        now = clock()
+        allowed, wait = throttle_check(failures, last_at, now)
+        if allowed:
+            storage.set_unlock_throttle(failures, now)
+    if not allowed:
+        raise LockedError(f"unlocking is paused after {failures} failed attempts in a row; "
+                          f"try again in {math.ceil(wait)} s", "unlock-throttled")
+    return failures
 
 
 def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
@@ -237,9 +289,13 @@ def _version_digest(row: VersionRow) -> bytes:
 
 def _meta_digest(meta: Meta) -> bytes:
     v = meta.vault
+    # The seal and the buckets ride in the vault leaf's extra field, absent
+    # (and the digest as before) while there are none.
+    access = state.access_digest(meta.seal, meta.buckets) if meta.seal is not None \
+        or meta.buckets else None
     return state.meta_digest(
         state.vault_leaf(v.vault_id, v.created_at, v.kdf, v.verifier, v.vault_key,
-                         v.generation, v.state_version),
+                         v.generation, v.state_version, access),
         [state.kek_leaf(*k) for k in meta.keks], meta.past_keys, *meta.anchor)
 
 
@@ -364,11 +420,16 @@ class Session:
                                  "upgrade (once)", "needs-upgrade")
             if vault.state_version not in (0, 1):
                 raise _tampered("the vault record", "vault-record")
+            failures = _throttle(storage, clock)
             try:
                 root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
             except LockedError as exc:
                 _record_pending(storage, clock, who, exc)
                 raise
+            if failures:
+                # A correct key ends the backoff.
+                with storage.transaction():
+                    storage.set_unlock_throttle(0, 0.0)
             store = cls._ready(location, cfg, storage, vault, root, clock, who)
             if notice:
                 store.notices.append(notice)
@@ -701,7 +762,8 @@ class Session:
         digest = _meta_digest(meta)
         if digest != tx.nodes[state.META_KEY] or state.root_of(digest, tx.nodes[(0, 0)]) \
                 != tx.root:
-            raise _tampered("the vault record or its key records", "state-meta")
+            raise _tampered("the vault-wide records (vault, keys, seal or rate limits)",
+                            "state-meta")
         _check_keks(meta.keks)
         if meta.vault.vault_id != self._vault.vault_id or meta.vault.generation != self._epoch:
             raise _tampered("the vault record", "state-meta")
@@ -743,6 +805,49 @@ class Session:
                                       if k.version == kek_version else k for k in meta.keks])
         tx.meta_dirty = True
         tx.meta_exact = exact
+
+    def _set_meta_buckets(self, tx: _Tx, meta: Meta, rows: list[BucketRow]) -> None:
+        """The rate-limit buckets as just written, in the checked copy (as :meth:`_count_wrap`)."""
+        self._change_meta(tx, meta._replace(buckets=sorted(rows)))
+
+    def _set_meta_seal(self, tx: _Tx, meta: Meta, seal: tuple[float, str] | None) -> None:
+        """The seal as just written, in the checked copy."""
+        self._change_meta(tx, meta._replace(seal=seal))
+
+    def _change_meta(self, tx: _Tx, meta: Meta) -> None:
+        # The copy stays exact (usable for the new root without re-reading the
+        # rows) if it was exact before this change.
+        exact = tx.meta_exact or not tx.meta_dirty
+        tx.meta = meta
+        tx.meta_dirty = True
+        tx.meta_exact = exact
+
+    def _prove(self, passphrase: str | None, prompt: PassphraseProvider | None,
+               key_file: Path | None) -> None:
+        """Prove the root key again (for ``unseal``): the key file, or the passphrase.
+
+        Raises :class:`LockedError` (``wrong-key``, ``wrong-passphrase``)
+        when the proof does not open this vault; never keeps the key.
+        """
+        vault = self._vault
+        if self._kdf.uses_passphrase:
+            if key_file is not None:
+                raise UsageError("--key-file: this vault opens with a passphrase, not a key file")
+            secret = _source(self.config, passphrase, prompt)()
+            root = RootKey(derive_from_passphrase(self._kdf, secret), vault.vault_id)
+            failure = LockedError("wrong passphrase", "wrong-passphrase")
+        elif key_file is None:
+            _key_file_root(self.location, vault).close()
+            return
+        else:
+            root = RootKey(read_key_file(key_file), vault.vault_id)
+            failure = LockedError(f"wrong key file: {key_file} does not open this vault",
+                                  "wrong-key")
+        try:
+            if not root.matches(vault.vault_id, vault.verifier):
+                raise failure
+        finally:
+            root.close()
 
     def _commit_state(self, storage: SQLiteStorage) -> bytes:
         """Recompute the root after this operation's changes, and store the changed nodes."""
@@ -919,10 +1024,17 @@ class Session:
             try:
                 with storage.transaction():
                     tx = self._tx = self._begin(storage)
-                    if writes:
+                    try:
+                        # Seal, policy and rate limits, in this transaction: the
+                        # buckets commit with the event, granted or not.
+                        gate.admit(self, storage, tx, op, service)
+                    except HardenedError as exc:
+                        failure = exc
+                    if failure is None and writes:
                         storage.savepoint()
                     try:
-                        result = body(storage, note)
+                        if failure is None:
+                            result = body(storage, note)
                     except HardenedError as exc:
                         if writes:
                             storage.rollback_savepoint()
@@ -930,7 +1042,7 @@ class Session:
                         self._forget_keks_except(known)
                         failure = exc
                     else:
-                        if writes:
+                        if writes and failure is None:
                             storage.release_savepoint()
                     try:
                         if finish is not None and failure is None:

@@ -34,6 +34,7 @@ from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, 
 __all__ = [
     "APPLICATION_ID",
     "MIGRATIONS",
+    "BucketRow",
     "HeadRow",
     "KekRecord",
     "SQLiteStorage",
@@ -149,6 +150,32 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             wrapped BLOB NOT NULL
         )""",
     )),
+    # Access control (access.py): rate-limit buckets and the seal, both under
+    # the state root; the unlock throttle, which cannot be (no key before unlock).
+    ("0005_access", (
+        # One token bucket per (rule, actor); ``rule`` is a digest of the rule's
+        # definition, so reordering the config does not move a bucket to another rule.
+        """CREATE TABLE rate_buckets (
+            rule TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            tokens REAL NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (rule, actor)
+        ) WITHOUT ROWID""",
+        # A row here means sealed: since when, and by whom.
+        """CREATE TABLE seal (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            sealed_at REAL NOT NULL,
+            actor TEXT NOT NULL
+        )""",
+        # Failed unlocks in a row and the time of the last attempt that counted;
+        # written before any key is known, so nothing authenticates it.
+        """CREATE TABLE unlock_throttle (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            failures INTEGER NOT NULL,
+            last_at REAL NOT NULL
+        )""",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -172,6 +199,15 @@ class VaultRecord(NamedTuple):
     generation: int
     #: 1 once the state is authenticated; 0 for a vault made by 0.1 (needs upgrade).
     state_version: int = 1
+
+
+class BucketRow(NamedTuple):
+    """A stored token bucket: ``tokens`` left at time ``updated``."""
+
+    rule: str
+    actor: str
+    tokens: float
+    updated: float
 
 
 class KekRecord(NamedTuple):
@@ -218,6 +254,7 @@ _KEK_TYPES = (int, str, float, (bytes, _N), int)
 _HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N))
 _VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N), (bytes, _N))
 _REWRAP_TYPES = (int, str, str, int, int, bytes)
+_BUCKET_TYPES = (str, str, (float, int), (float, int))
 _EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes,
                 (int, _N), (bytes, _N))
 
@@ -491,8 +528,9 @@ class SQLiteStorage:
             " ORDER BY version")]
 
     def meta_rows(self) -> tuple[VaultRecord, list[KekRecord], list[tuple[int, bytes]],
-                                 tuple[int, bytes]]:
-        """The vault record, KEKs, past vault keys and audit anchor, in one query."""
+                                 tuple[int, bytes], tuple[float, str] | None,
+                                 list[BucketRow]]:
+        """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, in one query."""
         rows = self._rows(
             "SELECT 0, CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB),"
             " CAST(vault_key AS BLOB), generation, state_version FROM vault WHERE id = 1"
@@ -501,18 +539,74 @@ class SQLiteStorage:
             " UNION ALL SELECT 2, epoch, CAST(wrapped AS BLOB), NULL, NULL, NULL, NULL, NULL"
             " FROM vault_keys"
             " UNION ALL SELECT 3, seq, CAST(mac AS BLOB), NULL, NULL, NULL, NULL, NULL"
-            " FROM audit_anchor WHERE id = 1 ORDER BY 1, 2")
+            " FROM audit_anchor WHERE id = 1"
+            " UNION ALL SELECT 4, sealed_at, actor, NULL, NULL, NULL, NULL, NULL FROM seal"
+            " UNION ALL SELECT 5, rule, actor, tokens, updated, NULL, NULL, NULL"
+            " FROM rate_buckets ORDER BY 1, 2, 3")
         vaults = [VaultRecord(*_typed(r[1:], _VAULT_TYPES, "vault record"))
                   for r in rows if r[0] == 0]
         keks = [KekRecord(*_typed(r[1:6], _KEK_TYPES, "key record")) for r in rows if r[0] == 1]
         past = [_typed(r[1:3], (int, bytes), "vault key record") for r in rows if r[0] == 2]
         anchors = [_typed(r[1:3], (int, bytes), "audit anchor") for r in rows if r[0] == 3]
+        seals = [_typed(r[1:3], (float, str), "seal record") for r in rows if r[0] == 4]
+        buckets = [BucketRow(*_typed(r[1:5], _BUCKET_TYPES, "rate-limit bucket"))
+                   for r in rows if r[0] == 5]
         if not vaults:
             raise IntegrityError(f"vault database {self.path} has no vault record; "
                                  "restore it from a backup")
         if not anchors:
             raise IntegrityError("audit anchor is missing", "audit-anchor")
-        return vaults[0], keks, [(e, w) for e, w in past], (anchors[0][0], anchors[0][1])
+        seal = (seals[0][0], seals[0][1]) if seals else None
+        return (vaults[0], keks, [(e, w) for e, w in past], (anchors[0][0], anchors[0][1]),
+                seal, buckets)
+
+    # -- access control: buckets and seal (under the state root), unlock throttle ----------
+
+    def put_buckets(self, rows: Iterable[BucketRow]) -> None:
+        """Store token-bucket states (insert or replace)."""
+        try:
+            self._conn.executemany("INSERT OR REPLACE INTO rate_buckets (rule, actor, tokens,"
+                                   " updated) VALUES (?, ?, ?, ?)", list(rows))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def drop_buckets(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Delete token buckets by (rule, actor): a full bucket and a missing one are alike."""
+        try:
+            self._conn.executemany("DELETE FROM rate_buckets WHERE rule = ? AND actor = ?",
+                                   list(keys))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def set_seal(self, sealed_at: float | None, actor: str = "") -> None:
+        """Seal (a time and an actor) or unseal (None)."""
+        self._run("DELETE FROM seal")
+        if sealed_at is not None:
+            self._run("INSERT INTO seal (id, sealed_at, actor) VALUES (1, ?, ?)",
+                      (sealed_at, actor))
+
+    def unlock_throttle(self) -> tuple[int, float]:
+        """Failed unlocks in a row and the time of the last counted attempt (unauthenticated).
+
+        A damaged row (wrong types, negative) reads as the most cautious
+        state the caller can act on: it is not trusted to *shorten* a wait.
+        """
+        rows = self._rows("SELECT failures, last_at FROM unlock_throttle WHERE id = 1")
+        if not rows:
+            return 0, 0.0
+        failures, last_at = rows[0]
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            failures = 1 << 30
+        if not isinstance(last_at, int | float) or last_at != last_at:
+            last_at = float("inf")
+        return failures, float(last_at)
+
+    def set_unlock_throttle(self, failures: int, last_at: float) -> None:
+        """Record the failed-unlock count (0 removes the row)."""
+        self._run("DELETE FROM unlock_throttle")
+        if failures:
+            self._run("INSERT INTO unlock_throttle (id, failures, last_at) VALUES (1, ?, ?)",
+                      (failures, last_at))
 
     def add_kek(self, record: KekRecord) -> None:
         """Store a new KEK version."""
@@ -871,11 +965,18 @@ class SQLiteStorage:
         self._run("UPDATE audit_anchor SET seq = ?, mac = ? WHERE id = 1", (seq, mac))
 
     def add_pending(self, ts_us: int, actor: str, op: str, outcome: str,
-                    reason: str | None) -> None:
-        """Record an event that cannot be chained yet (its own transaction)."""
+                    reason: str | None, *, failed_unlock_at: float | None = None) -> None:
+        """Record an event that cannot be chained yet (its own transaction).
+
+        With ``failed_unlock_at``, a failed guess also counts in the unlock
+        throttle, in the same transaction.
+        """
         with self.transaction():
             self._run("INSERT INTO audit_pending (ts_us, actor, op, outcome, reason)"
                       " VALUES (?, ?, ?, ?, ?)", (ts_us, actor, op, outcome, reason))
+            if failed_unlock_at is not None:
+                failures, _ = self.unlock_throttle()
+                self.set_unlock_throttle(min(failures + 1, 1 << 30), failed_unlock_at)
 
     def has_pending(self) -> bool:
         """Whether failed unlocks wait to be chained."""
