@@ -78,7 +78,7 @@ OPS: dict[str, Gate] = {
     # The incident drill is seal, rekey, unseal: a rekey needs the root key anyway.
     "key-rekey": Gate("admin", when_sealed=True),
     "audit-prune": Gate("admin"),
-    "seal": Gate("admin"),
+    "seal": Gate("admin", when_sealed=True),  # says "already sealed"
     "unseal": Gate("admin", when_sealed=True),
     # Reading the state and the trail is what an operator does during an incident.
     "status": Gate(None, when_sealed=True),

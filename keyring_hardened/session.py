@@ -762,7 +762,7 @@ class Session:
         digest = _meta_digest(meta)
         if digest != tx.nodes[state.META_KEY] or state.root_of(digest, tx.nodes[(0, 0)]) \
                 != tx.root:
-            raise _tampered("the vault-wide records (vault, keys, seal or rate limits)",
+            raise _tampered("a vault-wide record (vault, keys, seal or rate limits)",
                             "state-meta")
         _check_keks(meta.keks)
         if meta.vault.vault_id != self._vault.vault_id or meta.vault.generation != self._epoch:
