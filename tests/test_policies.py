@@ -11,7 +11,6 @@ import json
 import os
 import sqlite3
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,11 +107,13 @@ def test_ci_runner_reads_only_its_services(seeded: Path) -> None:
         with pytest.raises(DeniedError):
             s.delete("ci/app", "deploy")
     message = str(info.value)
-    assert info.value.exit_code == 4 and info.value.reason == "denied"
+    assert info.value.exit_code == 4
+    assert info.value.reason == "denied"
     # The message names the actor, the operation and the service, and the rule.
     for part in ("'ci-runner-7'", "may not read", "service 'prod/db'", "default_policy is deny"):
         assert part in message
-    assert CANARY not in message and CANARY not in repr(info.value)
+    assert CANARY not in message
+    assert CANARY not in repr(info.value)
     assert _events(seeded)[-3:] == [
         ("ci-runner-7", "read", "prod/db", "denied", "denied"),
         ("ci-runner-7", "write", "ci/app", "denied", "denied"),
@@ -135,9 +136,9 @@ def test_default_policy_allow_and_deny(seeded: Path) -> None:
     rule = '[[policies]]\nactors = ["x"]\nservices = ["*"]\ndeny = ["read"]\n'
     with _open(seeded, "someone", rule) as s:  # default allow: no rule matches
         assert s.get("ci/app", "deploy").reveal() == "ci-token"
-    with _open(seeded, "someone", 'default_policy = "deny"\n' + rule) as s:
-        with pytest.raises(DeniedError, match="no policy matches; default_policy is deny"):
-            s.get("ci/app", "deploy")
+    with _open(seeded, "someone", 'default_policy = "deny"\n' + rule) as s, \
+            pytest.raises(DeniedError, match="no policy matches; default_policy is deny"):
+        s.get("ci/app", "deploy")
 
 
 def test_list_and_usernames_show_only_what_the_actor_may_read(seeded: Path) -> None:
@@ -228,9 +229,11 @@ def test_token_bucket_under_a_frozen_clock(seeded: Path) -> None:
         s.get("ci/app", "deploy")  # the burst of 2
         with pytest.raises(RateLimitedError) as info:
             s.get("ci/app", "deploy")
-        assert info.value.exit_code == 5 and info.value.reason == "rate-limited"
+        assert info.value.exit_code == 5
+        assert info.value.reason == "rate-limited"
         assert info.value.retry_after == pytest.approx(10.0)
-        assert "retry in 10 s" in str(info.value) and "'app'" in str(info.value)
+        assert "retry in 10 s" in str(info.value)
+        assert "'app'" in str(info.value)
         clock.now += 5.0  # half a token: still short, and the wait says so
         with pytest.raises(RateLimitedError) as info:
             s.get("ci/app", "deploy")
@@ -360,7 +363,8 @@ def test_seal_refuses_every_credential_request_until_unseal(seeded: Path) -> Non
                         lambda: s.rollback("ci/app", "deploy"), s.keys.rotate):
             with pytest.raises(LockedError, match="sealed") as info:
                 attempt()
-            assert info.value.exit_code == 6 and info.value.reason == "sealed"
+            assert info.value.exit_code == 6
+            assert info.value.reason == "sealed"
         with pytest.raises(UsageError, match="already sealed"):
             s.seal()
         assert s.trail.verify().ok  # the trail stays readable during an incident
@@ -369,7 +373,8 @@ def test_seal_refuses_every_credential_request_until_unseal(seeded: Path) -> Non
         with pytest.raises(UsageError, match="not sealed"):
             s.unseal()
     ops = [e[1:4] for e in _events(seeded)]
-    assert ("seal", None, "ok") in ops and ("unseal", None, "ok") in ops
+    assert ("seal", None, "ok") in ops
+    assert ("unseal", None, "ok") in ops
     assert ("read", "ci/app", "locked") in ops
 
 
@@ -431,9 +436,12 @@ def test_unseal_proves_the_passphrase(home: Path) -> None:
 def test_sealed_cli_and_keyring_api(seeded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_cli("seal", home=seeded).returncode == 0
     status = run_cli("status", home=seeded)
-    assert status.returncode == 0 and "sealed: since" in status.stdout
+    assert status.returncode == 0
+    assert "sealed: since" in status.stdout
     done = run_cli("get", "ci/app", "deploy", home=seeded)
-    assert done.returncode == 6 and "sealed" in done.stderr and done.stdout == ""
+    assert done.returncode == 6
+    assert "sealed" in done.stderr
+    assert done.stdout == ""
     monkeypatch.setenv("KEYRING_HARDENED_HOME", str(seeded))
     backend._close_all()
     kr = HardenedKeyring()
@@ -463,9 +471,9 @@ def test_keyring_api_raises_access_denied_and_rate_limited(
     with pytest.raises(AccessDenied):
         kr.get_credential("prod/db", None)  # never a silent None
     assert kr.get_password("ci/app", "deploy") == "ci-token"
+    kr.get_password("ci/app", "deploy")  # the burst of 2 is spent
     with pytest.raises(RateLimited) as limited:
-        for _ in range(3):
-            kr.get_password("ci/app", "deploy")
+        kr.get_password("ci/app", "deploy")
     assert isinstance(limited.value, kerrors.KeyringError)
     assert 0 < limited.value.retry_after <= 10.0
     backend._close_all()
@@ -481,10 +489,12 @@ def test_keyring_command_fails_on_a_denial(seeded: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "keyring", "get", "prod/db", "admin"],
                           env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
-    assert "may not read" in done.stderr and CANARY not in done.stdout + done.stderr
+    assert "may not read" in done.stderr
+    assert CANARY not in done.stdout + done.stderr
     ok = subprocess.run([sys.executable, "-m", "keyring", "get", "ci/app", "deploy"],
                         env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert ok.returncode == 0 and ok.stdout == "ci-token\n"
+    assert ok.returncode == 0
+    assert ok.stdout == "ci-token\n"
 
 
 def test_cli_exit_codes_for_denied_and_limited(seeded: Path) -> None:
@@ -492,10 +502,12 @@ def test_cli_exit_codes_for_denied_and_limited(seeded: Path) -> None:
     env = {"KEYRING_HARDENED_ACTOR": "ci-runner"}
     denied = run_cli("get", "prod/db", "admin", home=seeded, env=env)
     assert denied.returncode == 4
-    assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
+    assert denied.stderr.count("\n") == 1
+    assert "Traceback" not in denied.stderr
     codes = [run_cli("get", "ci/app", "deploy", home=seeded, env=env) for _ in range(3)]
     assert [c.returncode for c in codes[:2]] == [0, 0]
-    assert codes[2].returncode == 5 and "retry in" in codes[2].stderr
+    assert codes[2].returncode == 5
+    assert "retry in" in codes[2].stderr
     listed = run_cli("list", "--json", home=seeded, env=env)
     assert [c["service"] for c in json.loads(listed.stdout)] == ["ci/app", "ci/other"]
 
@@ -507,7 +519,8 @@ def test_policy_test_explains_allow_deny_default_and_limits(seeded: Path) -> Non
     assert allow.returncode == 0, allow.stderr
     assert "decision: allow: policies[0] (actors ci-*; services ci/*) allows read" in allow.stdout
     assert "rate limit: rate_limits[0]: 1 per 10s, burst 2" in allow.stdout
-    assert "2.00 tokens now" in allow.stdout and "result: allowed" in allow.stdout
+    assert "2.00 tokens now" in allow.stdout
+    assert "result: allowed" in allow.stdout
     deny = run_cli("policy", "test", "--actor", "bob", "--service", "prod/db", "--op", "write",
                    home=seeded)
     assert deny.returncode == 4
@@ -524,8 +537,10 @@ def test_policy_test_explains_allow_deny_default_and_limits(seeded: Path) -> Non
                       "read", "--json", home=seeded)
     assert limited.returncode == 5
     doc = json.loads(limited.stdout)
-    assert doc["decision"] == "allow" and doc["result"] == "rate limited now"
-    assert doc["limits"][0]["tokens"] < 1 and doc["limits"][0]["retry_after"] > 0
+    assert doc["decision"] == "allow"
+    assert doc["result"] == "rate limited now"
+    assert doc["limits"][0]["tokens"] < 1
+    assert doc["limits"][0]["retry_after"] > 0
     # Asking took nothing: the counts are unchanged by policy test itself.
     again = run_cli("policy", "test", "--actor", "ci-9", "--service", "ci/app", "--op",
                     "read", "--json", home=seeded)
@@ -537,7 +552,8 @@ def test_policy_test_explains_allow_deny_default_and_limits(seeded: Path) -> Non
 def test_policy_test_without_a_config(seeded: Path) -> None:
     done = run_cli("policy", "test", "--service", "ci/app", "--op", "read", home=seeded)
     assert done.returncode == 0
-    assert "policy: none configured" in done.stdout and "result: allowed" in done.stdout
+    assert "policy: none configured" in done.stdout
+    assert "result: allowed" in done.stdout
 
 
 def test_config_check_reports_every_access_error(seeded: Path) -> None:
@@ -563,17 +579,18 @@ per = "soon"
         assert key in done.stderr, key
     # Found when the config loads, before anything is served: get refuses too.
     got = run_cli("get", "ci/app", "deploy", home=seeded)
-    assert got.returncode == 2 and got.stdout == ""
+    assert got.returncode == 2
+    assert got.stdout == ""
 
 
 # --- unlock throttle ------------------------------------------------------------------
 
 
 @pytest.fixture
-def locked_vault(home: Path) -> Iterator[Path]:
+def locked_vault(home: Path) -> Path:
     with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=FAST_KDF) as s:
         s.set("svc", "u", "v")
-    yield home
+    return home
 
 
 def _failures(home: Path) -> tuple[int, float] | None:
@@ -591,7 +608,8 @@ def test_unlock_backoff_under_a_frozen_clock(locked_vault: Path) -> None:
     # After the fifth failure, even the right passphrase waits 1 s.
     with pytest.raises(LockedError, match="try again in 1 s") as info:
         Store.open(locked_vault, passphrase=PASSPHRASE, config=FAST_KDF, clock=clock)
-    assert info.value.exit_code == 6 and info.value.reason == "unlock-throttled"
+    assert info.value.exit_code == 6
+    assert info.value.reason == "unlock-throttled"
     clock.now += 1.0
     with pytest.raises(LockedError, match="wrong passphrase"):  # the 6th failure: 2 s
         Store.open(locked_vault, passphrase="wrong guess", config=FAST_KDF, clock=clock)
@@ -604,7 +622,8 @@ def test_unlock_backoff_under_a_frozen_clock(locked_vault: Path) -> None:
     assert _failures(locked_vault) is None  # a correct unlock resets the count
     # Each failure was audited (chained at the good unlock); the refusals were not guesses.
     events = [e for e in _events(locked_vault) if e[1] == "unlock"]
-    assert len(events) == 6 and all(e[4] == "wrong-passphrase; recorded before unlock"
+    assert len(events) == 6
+    assert all(e[4] == "wrong-passphrase; recorded before unlock"
                                     for e in events)
 
 
@@ -626,15 +645,18 @@ def test_backoff_persists_across_processes(locked_vault: Path) -> None:
     wrong = {"KEYRING_HARDENED_PASSPHRASE": "wrong guess"}
     for _ in range(5):
         done = run_cli("get", "svc", "u", home=locked_vault, env=wrong)
-        assert done.returncode == 6 and "wrong passphrase" in done.stderr
+        assert done.returncode == 6
+        assert "wrong passphrase" in done.stderr
     right = {"KEYRING_HARDENED_PASSPHRASE": PASSPHRASE}
     paused = run_cli("get", "svc", "u", home=locked_vault, env=right)
-    assert paused.returncode == 6 and "try again in" in paused.stderr
+    assert paused.returncode == 6
+    assert "try again in" in paused.stderr
     assert _failures(locked_vault) is not None
     with sqlite3.connect(locked_vault / "vault.db") as conn:  # let the second pass
         conn.execute("UPDATE unlock_throttle SET last_at = last_at - 2")
     done = run_cli("get", "svc", "u", home=locked_vault, env=right)
-    assert done.returncode == 0 and done.stdout == "v\n"
+    assert done.returncode == 0
+    assert done.stdout == "v\n"
     assert _failures(locked_vault) is None
 
 

@@ -58,7 +58,9 @@ def test_twelve_get_processes_share_one_bucket(home: Path) -> None:
     assert codes[:5] == [0] * 5
     for code, out, err in done:
         if code == 5:
-            assert out == "" and "rate limited" in err and "retry in" in err
+            assert out == ""
+            assert "rate limited" in err
+            assert "retry in" in err
     with sqlite3.connect(home / "vault.db") as conn:
         outcomes = [o for o, in conn.execute("SELECT outcome FROM audit_events WHERE actor ="
                                              " 'loop' ORDER BY seq")]
@@ -101,7 +103,8 @@ def test_eight_processes_hammer_one_bucket(home: Path) -> None:
                               stderr=subprocess.PIPE, text=True, env=dict(os.environ))
              for _ in range(8)]
     for p in procs:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -152,7 +155,8 @@ def test_ansible_lookup_is_governed_by_its_actor(collections_path: Path,  # noqa
                             actor=who) }}"
     """
     ok = playbook(collections_path, home, tasks, "-e", "who=deployer")
-    assert ok.returncode == 0 and "ci-token" in ok.stdout
+    assert ok.returncode == 0
+    assert "ci-token" in ok.stdout
     denied = playbook(collections_path, home, tasks, "-e", "who=intruder")
     assert denied.returncode == 2
     assert "access denied: actor 'intruder' may not read service 'ci/app'" in denied.stdout
