@@ -20,6 +20,7 @@ reads how the actor was established.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,6 +31,7 @@ from .access import (
     BucketKey,
     Decision,
     Identity,
+    LimitMatch,
     RateLimit,
     check_all,
     decide,
@@ -93,6 +95,7 @@ OPS: dict[str, Gate] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def bucket_rule(rule: RateLimit) -> str:
     """The stored name of a rule's buckets: a digest of the rule's whole definition.
 
@@ -145,17 +148,12 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
     if gate.access is None or config is None:
         return
     actor = session.actor
-    # The whole-vault list is filtered entry by entry instead (Store.credentials).
-    if not (gate.access == "list" and service is None):
-        found = decision(config, actor, gate.access, service)
-        if not found.allowed:
-            raise denied(actor, gate.access, service, found)
-    matches = limits_for(config.rate_limits, actor, gate.access,
-                         ALL_SERVICES if service is None else service)
+    found, matches, names = _rules_for(session, config, actor, gate.access, service)
+    if found is not None and not found.allowed:
+        raise denied(actor, gate.access, service, found)
     if not matches and not meta.buckets:
         return
     now = session._clock()
-    names = {m.key: bucket_rule(m.rule) for m in matches}
     stored = {(b.rule, b.actor): b for b in meta.buckets}
     states: dict[BucketKey, Bucket] = {}
     for m in matches:
@@ -173,6 +171,36 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
             "rate-limited")
 
 
+#: Decisions kept per session, at most this many (then forgotten all at once).
+_CACHE_LIMIT = 4096
+#: The cache key of the session's rate limits by bucket name.
+_BY_NAME = ("rules by name",)
+_Rules = tuple[Decision | None, tuple[LimitMatch, ...], dict[BucketKey, str]]
+
+
+def _rules_for(session: Session, config: AccessConfig, actor: str, access: str,
+               service: str | None) -> _Rules:
+    """The policy decision, the limits that apply and their bucket names, for a request.
+
+    Pure functions of the session's fixed config and the request, so they
+    are kept per session: a process that reads the same credential again
+    does not match twenty globs again. The whole-vault ``list`` has no
+    decision here (it is filtered entry by entry, in Store.credentials).
+    """
+    key = (actor, access, service)
+    cache = session._access_cache
+    found = cache.get(key)
+    if found is None:
+        decided = None if access == "list" and service is None else decision(
+            config, actor, access, service)
+        matches = limits_for(config.rate_limits, actor, access,
+                             ALL_SERVICES if service is None else service)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()  # the rules by name go too, and come back on the next write
+        found = cache[key] = (decided, matches, {m.key: bucket_rule(m.rule) for m in matches})
+    return found
+
+
 def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta,
                    config: AccessConfig, actor: str, now: float,
                    new: dict[tuple[str, str], Bucket]) -> None:
@@ -181,7 +209,9 @@ def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta
     A full bucket and a missing one mean the same, so only buckets still
     short of tokens stay stored: the table holds the actors active lately.
     """
-    rules = {bucket_rule(r): r for r in config.rate_limits}
+    rules = session._access_cache.get(_BY_NAME)
+    if rules is None:
+        rules = session._access_cache[_BY_NAME] = {bucket_rule(r): r for r in config.rate_limits}
     keep: list[BucketRow] = []
     drop: list[tuple[str, str]] = []
     for row in meta.buckets:
@@ -198,7 +228,8 @@ def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta
     if not written and not drop:  # pragma: no cover - admit returns before this
         return
     storage.put_buckets(written)
-    storage.drop_buckets(drop)
+    if drop:
+        storage.drop_buckets(drop)
     session._set_meta_buckets(tx, meta, keep + written)
     # Folded into the root now, and made the operation's starting point: a
     # failure of the operation itself rolls back to here, not before.

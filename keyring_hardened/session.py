@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
 
 from . import audit, envelope, gate, state
 from ._seams import crash_point
@@ -342,6 +342,11 @@ class Session:
         self._wrote: audit.Event | None = None
         #: Events chained inside an operation (automatic rotation) to mirror after commit.
         self._pending_emit: list[audit.Event] = []
+        #: Access decisions for this session's fixed config (gate._rules_for).
+        self._access_cache: dict[Any, Any] = {}
+        #: The vault-wide rows as of a state root, with the two nodes that tie
+        #: them to it: what the last operation verified or wrote (see _meta).
+        self._meta_seen: tuple[bytes, Meta, bytes, bytes] | None = None
         #: Things a person should hear about (an interrupted rekey resolved, a
         #: deletion that could not yet reach the disk). The CLI prints them.
         self.notices: list[str] = []
@@ -757,6 +762,17 @@ class Session:
         tx = tx or self._state()
         if tx.meta is not None:
             return tx.meta
+        seen = self._meta_seen
+        if seen is not None and seen[0] == tx.root:
+            # The root is unchanged since this session last verified (or wrote)
+            # these rows: the copy it kept is what the root pins, so it is used
+            # instead of reading the rows again. An edit of the rows since then
+            # changes nothing this process decides; the next operation that
+            # reads them after any change of the root checks them again.
+            tx.nodes.setdefault(state.META_KEY, seen[2])
+            tx.nodes.setdefault((0, 0), seen[3])
+            tx.meta = seen[1]
+            return seen[1]
         meta = Meta(*storage.meta_rows())
         self._path_nodes(storage, tx, [])
         digest = _meta_digest(meta)
@@ -1054,6 +1070,10 @@ class Session:
                         raise StorageError(f"the audit trail could not be written ({exc}); "
                                            f"the {op} was not performed",
                                            "audit-write") from None
+                # Committed: keep the vault-wide rows this root pins, if known exactly.
+                if tx.meta is not None and tx.meta_exact and not tx.meta_dirty:
+                    self._meta_seen = (tx.root, tx.meta, tx.nodes[state.META_KEY],
+                                       tx.nodes[(0, 0)])
             except BaseException as exc:
                 self._forget_keks_except(known)
                 if isinstance(exc, HardenedError) and failure is not None \
@@ -1269,6 +1289,12 @@ class Session:
         left unauthenticated (a version's TTL, say) is taken as found, which
         is why this is a deliberate command and not automatic.
         """
+        access = self.config.access
+        if access is not None:
+            # An admin command; a 0.1 vault has no buckets or seal to consult yet.
+            found = gate.decision(access, self.actor, "admin", None)
+            if not found.allowed:
+                raise gate.denied(self.actor, "admin", None, found)
         with self._guard() as storage, storage.transaction():
             vault = storage.vault()
             if vault.state_version != 0:

@@ -165,11 +165,21 @@ def head_leaf(head_id: int, service: str, username: str, current: int | None, la
 def vault_leaf(vault_id: bytes, created_at: float, kdf: str, verifier: bytes,
                vault_key: bytes, generation: int, state_version: int,
                extra: bytes | None = None) -> bytes:
-    """The digest of the vault record."""
-    return _digest(b"vault", vault_id, _real(created_at), kdf, verifier, vault_key, generation,
-                   state_version, extra)
+    """The digest of the vault record (the bytes ``_digest(b"vault", ...)`` gives)."""
+    return hashlib.sha256(_vault_prefix(vault_id, created_at, kdf, verifier, vault_key,
+                                        generation, state_version) + _field(extra)).digest()
 
 
+@functools.lru_cache(maxsize=8)
+def _vault_prefix(vault_id: bytes, created_at: float, kdf: str, verifier: bytes,
+                  vault_key: bytes, generation: int, state_version: int) -> bytes:
+    # The record itself rarely changes; its extra (the access digest) changes
+    # with every rate-limited request, so the rest is encoded once.
+    return b"kh-state-v1/vault\x00" + b"".join(map(_field, (
+        vault_id, _real(created_at), kdf, verifier, vault_key, generation, state_version)))
+
+
+@functools.lru_cache(maxsize=64)
 def kek_leaf(version: int, state: str, created_at: float, wrapped: bytes | None,
              wrap_count: int) -> bytes:
     """The digest of one KEK row."""

@@ -566,7 +566,7 @@ class SQLiteStorage:
         """Store token-bucket states (insert or replace)."""
         try:
             self._conn.executemany("INSERT OR REPLACE INTO rate_buckets (rule, actor, tokens,"
-                                   " updated) VALUES (?, ?, ?, ?)", list(rows))
+                                   " updated) VALUES (?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
 
@@ -884,13 +884,15 @@ class SQLiteStorage:
     def put_nodes(self, nodes: Mapping[tuple[int, int], bytes | None]) -> None:
         """Store changed state nodes; None (or an all-empty node) removes one."""
         keep = [(level, idx, blob) for (level, idx), blob in nodes.items()
-                if blob is not None and any(blob)]
+                if blob is not None and blob.count(0) != len(blob)]
         drop = [(level, idx) for (level, idx), blob in nodes.items()
-                if blob is None or not any(blob)]
+                if blob is None or blob.count(0) == len(blob)]
         try:
             self._conn.executemany("INSERT OR REPLACE INTO state_nodes (level, idx, hashes)"
                                    " VALUES (?, ?, ?)", keep)
-            self._conn.executemany("DELETE FROM state_nodes WHERE level = ? AND idx = ?", drop)
+            if drop:
+                self._conn.executemany("DELETE FROM state_nodes WHERE level = ? AND idx = ?",
+                                       drop)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
 

@@ -53,8 +53,6 @@ def test_twelve_get_processes_share_one_bucket(home: Path) -> None:
         done.append((p.returncode, out, err))
     codes = [code for code, _, _ in done]
     assert set(codes) <= {0, 5}, done
-    # Burst 5, plus at most one token refilled (0.5 a second) while they ran.
-    assert 5 <= codes.count(0) <= 6, codes
     assert codes[:5] == [0] * 5
     for code, out, err in done:
         if code == 5:
@@ -62,9 +60,18 @@ def test_twelve_get_processes_share_one_bucket(home: Path) -> None:
             assert "rate limited" in err
             assert "retry in" in err
     with sqlite3.connect(home / "vault.db") as conn:
-        outcomes = [o for o, in conn.execute("SELECT outcome FROM audit_events WHERE actor ="
-                                             " 'loop' ORDER BY seq")]
-    assert outcomes == ["ok" if c == 0 else "rate-limited" for c in codes]
+        rows = conn.execute("SELECT ts_us, outcome FROM audit_events WHERE actor = 'loop'"
+                            " ORDER BY seq").fetchall()
+    assert [o for _, o in rows] == ["ok" if c == 0 else "rate-limited" for c in codes]
+    # Burst 5, plus what refilled (0.5 a second) while they ran, by the
+    # bucket's own clock: at most 6 when the loop takes under 2 s, as on an
+    # idle machine; on a loaded one each process can take a second, and
+    # the bucket rightly grants what refilled meanwhile, never more.
+    elapsed = (rows[-1][0] - rows[0][0]) / 1e6
+    assert codes.count(0) <= 6 + int(0.5 * elapsed), (codes, elapsed)
+    if elapsed < 2:
+        assert codes.count(0) <= 6, codes
+    assert codes.count(5) >= 12 - 6 - int(0.5 * elapsed)
 
 
 def test_a_shell_loop_of_get_commands_is_limited(home: Path) -> None:
