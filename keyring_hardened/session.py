@@ -757,13 +757,18 @@ class Session:
                             "state-version")
         return row
 
-    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None) -> Meta:
-        """The vault record, KEKs, past vault keys and audit anchor, checked against the root."""
+    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None, *,
+              fresh: bool = False) -> Meta:
+        """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, checked.
+
+        ``fresh``: read and check the rows even if this session holds a copy
+        for the current root (``audit verify`` must see the rows as they are).
+        """
         tx = tx or self._state()
-        if tx.meta is not None:
+        if tx.meta is not None and not fresh:
             return tx.meta
         seen = self._meta_seen
-        if seen is not None and seen[0] == tx.root:
+        if seen is not None and seen[0] == tx.root and not fresh:
             # The root is unchanged since this session last verified (or wrote)
             # these rows: the copy it kept is what the root pins, so it is used
             # instead of reading the rows again. An edit of the rows since then
@@ -897,7 +902,7 @@ class Session:
         it reads everything, so it costs time in proportion to the vault's size.
         """
         tx = self._state()
-        meta = self._meta(storage, tx)
+        meta = self._meta(storage, tx, fresh=True)
         buckets: dict[int, list[bytes]] = {}
         heads: dict[int, HeadRow] = {}
         for stored_bucket, h in storage.all_heads():

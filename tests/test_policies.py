@@ -714,3 +714,17 @@ def test_upgrade_of_a_0_1_vault_needs_admin(tmp_path: Path) -> None:
         s.upgrade()
     with Store.open(home, upgrade=True, actor="operator") as s:
         assert "2 credentials" in s.upgrade()
+
+
+def test_a_long_lived_process_verifies_the_rows_as_they_are(seeded: Path) -> None:
+    # A session keeps the vault-wide rows it verified while the root stays the
+    # same; audit verify reads them again all the same.
+    with Store.open(seeded, actor="alice") as s:
+        s.seal()
+        assert s.status()["sealed"] is not None
+        with sqlite3.connect(seeded / "vault.db") as conn:
+            conn.execute("DELETE FROM seal")
+        with pytest.raises(LockedError, match="sealed"):  # decided on the verified copy
+            s.get("ci/app", "deploy")
+        with pytest.raises(IntegrityError, match="rows do not match the state"):
+            s.trail.verify()
