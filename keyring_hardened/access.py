@@ -46,7 +46,9 @@ __all__ = [
     "check_all",
     "decide",
     "limits_for",
+    "limits_of",
     "parse_access",
+    "policies_for",
     "take",
     "throttle_check",
     "throttle_delay",
@@ -356,17 +358,21 @@ def _kind(value: Any) -> str:
 
 
 def decide(policies: Sequence[Policy], default: Default, identity: Identity, op: str,
-           service: str) -> Decision:
+           service: str, *, for_actor: Sequence[int] | None = None) -> Decision:
     """Whether ``identity`` may perform ``op`` on ``service``, and which rule said so.
 
     Among the rules whose actor and service globs match, the first that
     denies ``op`` decides (deny wins wherever it sits); else the first that
     allows it; else ``default``. ``op`` must be one of :data:`OPERATIONS`:
     anything else is a programming error (ValueError), not a denial.
+    ``for_actor``, if given, is :func:`policies_for` of this actor: the same
+    answer, without matching the actor's globs again.
     """
     if op not in OPERATIONS:
         raise ValueError("op must be one of read, write, delete, list, admin")
-    matched = tuple(i for i, p in enumerate(policies) if p.matches(identity.actor, service))
+    if for_actor is None:
+        for_actor = policies_for(policies, identity.actor)
+    matched = tuple(i for i in for_actor if _any(policies[i].services, service))
     for verb, allowed in (("denies", False), ("allows", True)):
         for i in matched:
             rule = policies[i]
@@ -378,15 +384,31 @@ def decide(policies: Sequence[Policy], default: Default, identity: Identity, op:
     return Decision(default == "allow", None, f"{what}; default_policy is {default}", matched)
 
 
+def policies_for(policies: Sequence[Policy], actor: str) -> tuple[int, ...]:
+    """The indices of the rules whose actor globs match ``actor``, in order."""
+    return tuple(i for i, p in enumerate(policies) if _any(p.actors, actor))
+
+
 # --- rate limits ---------------------------------------------------------------------
 
 
 def limits_for(limits: Sequence[RateLimit], actor: str, op: str,
-               service: str) -> tuple[LimitMatch, ...]:
-    """Every rate limit that applies to the request; all of them must pass."""
-    return tuple(LimitMatch((i, actor), rule) for i, rule in enumerate(limits)
-                 if op in rule.operations and _any(rule.actors, actor)
-                 and _any(rule.services, service))
+               service: str, *, for_actor: Sequence[int] | None = None
+               ) -> tuple[LimitMatch, ...]:
+    """Every rate limit that applies to the request; all of them must pass.
+
+    ``for_actor``, if given, is :func:`limits_of` this actor and operation.
+    """
+    if for_actor is None:
+        for_actor = limits_of(limits, actor, op)
+    return tuple(LimitMatch((i, actor), limits[i]) for i in for_actor
+                 if _any(limits[i].services, service))
+
+
+def limits_of(limits: Sequence[RateLimit], actor: str, op: str) -> tuple[int, ...]:
+    """The indices of the limits for ``op`` whose actor globs match ``actor``."""
+    return tuple(i for i, rule in enumerate(limits)
+                 if op in rule.operations and _any(rule.actors, actor))
 
 
 def tokens_now(state: Bucket | None, rule: RateLimit, now: float) -> Bucket:

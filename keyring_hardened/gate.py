@@ -36,6 +36,8 @@ from .access import (
     check_all,
     decide,
     limits_for,
+    limits_of,
+    policies_for,
     tokens_now,
 )
 from .errors import DeniedError, LockedError, RateLimitedError
@@ -151,7 +153,7 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
     found, matches, names = _rules_for(session, config, actor, gate.access, service)
     if found is not None and not found.allowed:
         raise denied(actor, gate.access, service, found)
-    if not matches and not meta.buckets:
+    if not matches:
         return
     now = session._clock()
     stored = {(b.rule, b.actor): b for b in meta.buckets}
@@ -173,6 +175,8 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
 
 #: Decisions kept per session, at most this many (then forgotten all at once).
 _CACHE_LIMIT = 4096
+#: How long a bucket of a rule not in this config is kept (seconds).
+_FOREIGN_BUCKET_LIFE = 86400.0
 #: The cache key of the session's rate limits by bucket name.
 _BY_NAME = ("rules by name",)
 _Rules = tuple[Decision | None, tuple[LimitMatch, ...], dict[BucketKey, str]]
@@ -191,12 +195,19 @@ def _rules_for(session: Session, config: AccessConfig, actor: str, access: str,
     cache = session._access_cache
     found = cache.get(key)
     if found is None:
-        decided = None if access == "list" and service is None else decision(
-            config, actor, access, service)
-        matches = limits_for(config.rate_limits, actor, access,
-                             ALL_SERVICES if service is None else service)
+        # The rules that name this actor (and operation) are few, and the same
+        # for every service: matched once per actor, then only services are.
+        who = cache.get((actor, access))
+        if who is None:
+            who = cache[(actor, access)] = (policies_for(config.policies, actor),
+                                            limits_of(config.rate_limits, actor, access))
+        target = ALL_SERVICES if service is None else service
+        decided = None if access == "list" and service is None else decide(
+            config.policies, config.default_policy, Identity(actor), access, target,
+            for_actor=who[0])
+        matches = limits_for(config.rate_limits, actor, access, target, for_actor=who[1])
         if len(cache) >= _CACHE_LIMIT:
-            cache.clear()  # the rules by name go too, and come back on the next write
+            cache.clear()  # the per-actor rules and rules by name go too, and come back
         found = cache[key] = (decided, matches, {m.key: bucket_rule(m.rule) for m in matches})
     return found
 
@@ -208,6 +219,8 @@ def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta
 
     A full bucket and a missing one mean the same, so only buckets still
     short of tokens stay stored: the table holds the actors active lately.
+    A bucket of a rule this config does not have (another process may run
+    with another config) is left alone for a day, then dropped.
     """
     rules = session._access_cache.get(_BY_NAME)
     if rules is None:
@@ -219,14 +232,12 @@ def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta
         if key in new:
             continue
         rule = rules.get(row.rule)
-        if rule is None or tokens_now(Bucket(row.tokens, row.updated), rule, now).tokens \
-                >= rule.burst:
+        if (now - row.updated > _FOREIGN_BUCKET_LIFE if rule is None else
+                tokens_now(Bucket(row.tokens, row.updated), rule, now).tokens >= rule.burst):
             drop.append(key)
         else:
             keep.append(row)
     written = [BucketRow(rule, who, b.tokens, b.updated) for (rule, who), b in new.items()]
-    if not written and not drop:  # pragma: no cover - admit returns before this
-        return
     storage.put_buckets(written)
     if drop:
         storage.drop_buckets(drop)

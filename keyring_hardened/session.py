@@ -875,11 +875,13 @@ class Session:
         tx = self._state()
         if not tx.touched and not tx.meta_dirty:
             return tx.root
-        digests = {}
-        for bucket, heads in storage.heads_in_buckets(tx.touched).items():
-            digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
-            tx.buckets[bucket] = heads
-        changed: dict[state.NodeKey, bytes] = dict(state.update_paths(digests, tx.nodes))
+        changed: dict[state.NodeKey, bytes] = {}
+        if tx.touched:  # a rate-limited read changes only the vault-wide rows
+            digests = {}
+            for bucket, heads in storage.heads_in_buckets(tx.touched).items():
+                digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
+                tx.buckets[bucket] = heads
+            changed.update(state.update_paths(digests, tx.nodes))
         meta_digest = tx.nodes[state.META_KEY]
         if tx.meta_dirty:
             meta = tx.meta if tx.meta is not None and tx.meta_exact else Meta(

@@ -232,7 +232,7 @@ def bucket_digest(leaves: Sequence[bytes]) -> bytes:
 
 def node_digest(blob: bytes) -> bytes:
     """The digest of a stored node (its children's digests); an empty node is EMPTY."""
-    if not any(blob):
+    if blob.count(0) == len(blob):  # all zero bytes, counted at C speed
         return EMPTY
     return hashlib.sha256(b"kh-state-v1/node\x00" + blob).digest()
 

@@ -321,6 +321,23 @@ def test_full_buckets_are_dropped(seeded: Path) -> None:
         assert conn.execute("SELECT actor FROM rate_buckets").fetchall() == [("b",)]
 
 
+def test_a_process_with_another_config_keeps_the_others_buckets(seeded: Path) -> None:
+    clock = Clock()
+    other = LIMIT.replace('operations = ["read"]', 'operations = ["read", "write"]')
+    with _open(seeded, "a", LIMIT, clock) as s:
+        s.get("ci/app", "deploy")
+        s.get("ci/app", "deploy")
+    with _open(seeded, "a", other, clock) as s:  # another rule: its own bucket
+        s.get("ci/app", "deploy")
+    with _open(seeded, "a", LIMIT, clock) as s, pytest.raises(RateLimitedError):
+        s.get("ci/app", "deploy")  # the first rule's bucket survived the other config
+    clock.now += 86400 + 60
+    with _open(seeded, "a", other, clock) as s:
+        s.get("ci/app", "deploy")
+    with sqlite3.connect(seeded / "vault.db") as conn:  # a day on, the foreign one is gone
+        assert conn.execute("SELECT count(*) FROM rate_buckets").fetchone() == (1,)
+
+
 @pytest.mark.parametrize("edit", [
     "UPDATE rate_buckets SET tokens = 100",
     "DELETE FROM rate_buckets",
