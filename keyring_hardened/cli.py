@@ -619,6 +619,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import moving
+    from .location import Location
 
     kr = moving.current_backend() if args.from_current else moving.load_backend(args.source)
     name = args.source or moving._class_path(kr)
@@ -636,8 +637,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 
             def progress(done: int, total: int) -> None:
                 bar.update(done - bar.n)
+    existed = os.path.lexists(Location.resolve(args.home).database)
     try:
-        with _open(args) as store:
+        # Like a first set, a first import makes a key-file vault (never a dry run).
+        with _open(args, create=not args.dry_run) as store:
+            if not existed:
+                sys.stderr.write(f"{PROG}: created a new key-file vault at "
+                                 f"{store.location.home}; back up {store.location.key_file}: "
+                                 "without it the vault cannot be opened\n")
             report = moving.import_entries(store, kr, entries, source=name, update=args.update,
                                            dry_run=args.dry_run,
                                            delete_source=args.delete_source,

@@ -116,12 +116,25 @@ def _instantiate(cls: type) -> Any:
         raise UsageError(f"{cls!r} is not a keyring backend")
     if f"{cls.__module__}.{cls.__qualname__}" == _OURS:
         raise UsageError("the source is keyring-hardened itself; name the keyring to move from")
+    name = f"{cls.__module__}.{cls.__qualname__}"
     try:
         cls.priority  # noqa: B018 - raises when the backend cannot work here
-        return cls()
     except Exception as exc:  # noqa: BLE001 - a third-party backend may raise anything
-        raise UsageError(f"keyring backend {cls.__module__}.{cls.__qualname__} is not usable "
-                         f"here ({type(exc).__name__}: {exc})") from None
+        # Its reason: a missing module or platform, never a value.
+        raise UsageError(f"keyring backend {name} is not usable here "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        kr = cls()
+        # keyring's KEYRING_PROPERTY_* settings (the file path, the peer's
+        # password): keyring applies them in KeyringBackend.__init__, which
+        # the keyrings.alt and keyrings.cryptfile file keyrings never call.
+        kr.set_properties_from_env()
+    except Exception as exc:  # noqa: BLE001 - a third-party backend may raise anything
+        # The type only: the message could quote a setting, a password included.
+        raise UsageError(f"keyring backend {name} cannot be opened with the given settings "
+                         f"({type(exc).__name__}; a wrong KEYRING_PROPERTY_KEYRING_KEY?)"
+                         ) from None
+    return kr
 
 
 def load_backend(name: str) -> Any:
