@@ -327,6 +327,9 @@ class _Live:
         self.storage = storage
         self.vault_id = storage.vault().vault_id
         self.head = storage.audit_head()
+        newest = storage.newest_events(1)
+        #: The state root the vault's newest event carries (unverified: only compared).
+        self.root = newest[0].root if newest else None
         self.key_version = max((k.version for k in storage.keks()), default=0)
 
 
@@ -384,7 +387,16 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
                         raise  # an untrusted vault file is not "damaged": never replace it
                     live_error = exc
             foreign = live is not None and live.vault_id != copy._vault.vault_id
-            rollback = live is not None and not foreign and not copy._holds_event(*live.head)
+            # The copy extends the vault (holds its newest event): nothing is undone.
+            # Otherwise, a copy whose state equals the vault's undoes only events
+            # that changed nothing (reads, backups, verifies): they stay in the
+            # replaced vault, which is said. Any other copy is an older state.
+            behind = live is not None and not foreign and not copy._holds_event(*live.head)
+            rollback = behind and live is not None and live.root != facts["root"]
+            if behind and not rollback and live is not None:
+                notes.append(f"the vault's events after {facts['head_seq']} up to "
+                             f"{live.head[0]} changed nothing (reads and the like); they "
+                             "stay only in the replaced vault")
             if live_error is not None and not force:
                 raise UsageError(f"the vault at {location.home} cannot be read ({live_error}); "
                                  "restore --force replaces it (it is kept beside it)")
@@ -396,7 +408,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             if rollback and not allow_rollback and live is not None:
                 raise UsageError(f"{source} is an older state of this vault: its newest event is "
                                  f"{facts['head_seq']}, the vault's is {live.head[0]}, and the "
-                                 "events since would be undone; restore --allow-rollback does "
+                                 "changes since would be undone; restore --allow-rollback does "
                                  "that (the replaced vault is kept)")
             reason = "; ".join(part for part in (
                 "rollback" if rollback else "", "foreign" if foreign else "",
@@ -413,7 +425,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             keep_tmp = location.home / f".{replaced.name}.{secrets.token_hex(8)}.tmp"
             try:
                 live.storage.replace_with(staged, keep_tmp,
-                                          None if allow_rollback or force else live.head,
+                                          None if allow_rollback or force else live.root,
                                           live.key_version)
                 os.replace(keep_tmp, replaced)
                 fsync_dir(location.home)

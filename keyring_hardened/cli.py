@@ -730,8 +730,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if report.foreign:
         sys.stderr.write(f"{PROG}: warning: the vault was replaced by a copy of another vault "
                          f"({report.vault_id})\n")
-    if report.key_file_note:
-        sys.stderr.write(f"{PROG}: note: {_one_line(report.key_file_note)}\n")
+    for note in [*report.notes, *([report.key_file_note] if report.key_file_note else [])]:
+        sys.stderr.write(f"{PROG}: note: {_one_line(note)}\n")
     return 0
 
 

@@ -1346,6 +1346,7 @@ class Session:
         """
         with self._guard() as storage, storage.snapshot():
             self._tx = self._begin(storage)
+            root = self._tx.root
             try:
                 result = self.trail._check_table(storage)
                 if not result.ok:
@@ -1358,6 +1359,7 @@ class Session:
         return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
                 "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
                 "events_verified": result.verified, "key_version": meta.active.version,
+                "root": root,
                 **counts}
 
     def _holds_event(self, seq: int, mac: bytes) -> bool:

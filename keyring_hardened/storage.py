@@ -1038,7 +1038,7 @@ class SQLiteStorage:
             f"SELECT type, name, sql FROM {schema}.sqlite_master"  # noqa: S608
             " WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY type != 'table', name")]
 
-    def replace_with(self, source: Path, keep: Path, expect_head: tuple[int, bytes] | None,
+    def replace_with(self, source: Path, keep: Path, expect_root: bytes | None,
                      key_version: int) -> None:
         """Make this vault's rows those of ``source``, in one transaction; keep the old ones.
 
@@ -1052,12 +1052,13 @@ class SQLiteStorage:
 
         ``keep`` (a new, absent file) receives the replaced rows in the
         same transaction, so what was replaced is exactly what is kept.
-        ``expect_head`` is the (seq, mac) of the newest event the caller
-        checked: if another process wrote since, nothing is changed (None:
-        the caller accepts a rollback, and writes made meanwhile are kept
-        in ``keep`` like the rest). ``key_version`` is the newest KEK
-        version the caller saw: a rotation since (which the copy's keys
-        would not step past) also changes nothing.
+        ``expect_root`` is the state root of the newest event the caller
+        checked: if another process changed the vault since (reads change
+        no root), nothing is changed (None: the caller accepts a rollback,
+        and writes made meanwhile are kept in ``keep`` like the rest).
+        ``key_version`` is the newest KEK version the caller saw: a rotation
+        since (which the copy's keys would not step past) also changes
+        nothing.
         """
         import stat as stat_
 
@@ -1097,7 +1098,8 @@ class SQLiteStorage:
                                          "nothing was changed", "copy-schema")
                 with self.transaction():
                     newest = max((k.version for k in self.keks()), default=0)
-                    if (expect_head is not None and self.audit_head() != expect_head) \
+                    head = self.newest_events(1)
+                    if (expect_root is not None and (not head or head[0].root != expect_root)) \
                             or newest != key_version:
                         raise StorageError("the vault changed while it was being restored "
                                            "(another process wrote to it); nothing was "

@@ -31,7 +31,7 @@ SAMPLE = {("db.example.com", "app"): "s3cret", ("sérvice ☃ 東京", "ünïcod
 class MemoryKeyring(KeyringBackend):
     """A backend that cannot list its entries (as most OS keyrings), for --entries."""
 
-    priority = 1  # type: ignore[assignment]
+    priority = 1
     data: ClassVar[dict[tuple[str, str], str]] = {}
     fail_read: ClassVar[set[tuple[str, str]]] = set()
     fail_delete: ClassVar[set[tuple[str, str]]] = set()
@@ -97,7 +97,8 @@ def test_import_from_real_peer_files(home: Path, tmp_path: Path, peer: str) -> N
     again = run_cli("import", "--from", peer, "--json", home=home, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert report["counts"]["skipped"] == 4 and report["counts"]["imported"] == 0
+    assert report["counts"]["skipped"] == 4
+    assert report["counts"]["imported"] == 0
     update = run_cli("import", "--from", peer, "--update", home=home, env=env, timeout=300)
     assert update.returncode == 0
     assert "updated 4" in update.stderr
@@ -128,7 +129,8 @@ def test_listing_less_backend_needs_entries(home: Path, tmp_path: Path,
     memory.data = {("svc", ""): "empty-user", ("svc", "x"): "y", ("ünï", "ç"): BIG}
     src = "tests.test_import.MemoryKeyring"
     code, _, err = _main(capsys, "--home", str(home), "import", "--from", src)
-    assert code == 2 and "--entries" in err
+    assert code == 2
+    assert "--entries" in err
     entries = tmp_path / "entries.tsv"
     entries.write_text("svc\t\nsvc\tx\n\nünï\tç\nsvc\tx\n", "utf-8")
     code, _, err = _main(capsys, "--home", str(home), "import", "--from", src, "--entries",
@@ -170,7 +172,8 @@ def test_dry_run_changes_nothing(home: Path, tmp_path: Path, memory: type[Memory
     code, _, err = _main(capsys, "--home", str(home), "import", "--from",
                          "tests.test_import.MemoryKeyring", "--entries", str(entries),
                          "--dry-run", "--delete-source")
-    assert code == 2 and "exclude each other" in err
+    assert code == 2
+    assert "exclude each other" in err
 
 
 def test_delete_source_keeps_every_entry_whose_copy_failed(
@@ -255,7 +258,7 @@ def test_backend_names(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=why):
             moving.load_backend(bad)
     with pytest.raises(UsageError, match="cannot list"):
-        moving.list_entries(MemoryKeyring())
+        moving.list_entries(MemoryKeyring())  # type: ignore[no-untyped-call]
 
 
 def test_peer_file_problems(tmp_path: Path) -> None:
