@@ -1420,6 +1420,146 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- private copies: backup and restore (issue 14) ----------------------
+
+    #: True for a copy opened with the root key of the session that checks it
+    #: (a backup): closing the copy must not wipe a key it does not own.
+    _borrowed_root = False
+
+    @classmethod
+    def _open_copy(cls, location: Location, config: Config, database: Path, *,
+                   root: RootKey | None = None, passphrase: str | None = None,
+                   prompt: PassphraseProvider | None = None, clock: Clock = time.time,
+                   actor: str | None = None) -> Self:
+        """Open a private copy of a vault (a backup) and check its newest event and keys.
+
+        Nothing is written to the copy here: no failed unlock is chained and
+        no failure recorded, so a checked copy stays byte for byte what it
+        was. ``root`` (the checking session's own key, borrowed, never
+        wiped here) or else the vault's usual sources (``location``'s key
+        file, or the passphrase) must open it: a copy is useless without
+        the root key, and a copy that another key opens is not this vault's.
+        """
+        who = validate_actor(actor) if actor is not None else default_actor()
+        storage = SQLiteStorage.open_copy(database, config.synchronous, config.busy_timeout)
+        try:
+            vault = storage.vault()
+            if vault.state_version != 1:
+                raise UsageError(f"the vault copy {database} was made by keyring-hardened 0.1 "
+                                 "(or is damaged); it cannot be checked as a whole",
+                                 "copy-legacy")
+            borrowed = root is not None
+            if root is None:
+                root = cls._unlock(location, vault, _source(config, passphrase, prompt))
+            elif not root.matches(vault.vault_id, vault.verifier):
+                raise LockedError("the copy does not open with this vault's root key (rekeyed "
+                                  "while it was taken?); run it again", "copy-root")
+            try:
+                material = envelope.unwrap_vault_key(root.wrap, vault.vault_id, vault.vault_key)
+            except DecryptFailed:
+                if not borrowed:
+                    root.close()
+                raise IntegrityError(f"the vault key of the copy {database} failed its "
+                                     "integrity check", "vault-key-damaged") from None
+            store = cls(location, config, storage, vault, root,
+                        VaultKeys(material, vault.vault_id), clock, who)
+            store._borrowed_root = borrowed
+        except BaseException:
+            storage.close()
+            raise
+        try:
+            with storage.snapshot():
+                store._tx = store._begin(storage)
+                try:
+                    meta = store._meta(storage)
+                    if meta.vault != vault:
+                        raise _tampered("the copy's vault record", "state-meta")
+                    store._unwrap_keks(meta.keks)
+                finally:
+                    store._tx = None
+        except BaseException:
+            store._close_copy()
+            raise
+        return store
+
+    def _check_copy(self) -> dict[str, Any]:
+        """Verify this copy as ``audit verify`` does, read-only; facts about it.
+
+        The whole chain under every epoch's audit key, its ends, and every
+        row against the state root its newest event carries. Raises
+        :class:`IntegrityError` naming the first bad event.
+        """
+        with self._guard() as storage, storage.snapshot():
+            self._tx = self._begin(storage)
+            root = self._tx.root
+            try:
+                result = self.trail._check_table(storage)
+                if not result.ok:
+                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
+                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
+                meta = self._meta(storage)
+                counts = storage.counts()
+            finally:
+                self._tx = None
+        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
+                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
+                "events_verified": result.verified, "key_version": meta.active.version,
+                "root": root,
+                **counts}
+
+    def _holds_event(self, seq: int, mac: bytes) -> bool:
+        """Whether this vault's trail holds event ``seq`` with ``mac`` (or it is the anchor)."""
+        with self._guard() as storage, storage.snapshot():
+            if storage.audit_anchor() == (seq, mac):
+                return True
+            found = storage.event(seq)
+        return found is not None and hmac.compare_digest(found.mac, mac)
+
+    def _record_restore(self, reason: str, live_key_version: int) -> None:
+        """Chain the ``restore`` event onto this copy (before it replaces the vault).
+
+        Key versions only move forward: when the replaced vault had newer
+        KEK versions than the copy, those numbers are recorded as retired
+        and the new active KEK takes the next number. A process that held
+        the replaced vault open, with those KEKs cached by number, can then
+        never seal a new secret under a key this vault does not hold.
+        """
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            note.reason = reason
+            meta = self._meta(storage)
+            top = meta.active.version
+            if live_key_version <= top:
+                return
+            now = self._clock()
+            for version in range(top + 1, live_key_version + 1):
+                storage.add_kek(KekRecord(version, "retired", now, None, 0))
+            kek = envelope.new_kek(live_key_version + 1)
+            try:
+                storage.add_kek(KekRecord(live_key_version + 1, "active", now, envelope.wrap_kek(
+                    self._root.wrap, self._vault.vault_id, kek), 0))
+            finally:
+                kek.wipe()
+            storage.set_kek_state(top, "decrypt-only")
+            self._touch_meta()
+            note.key_version = live_key_version + 1
+
+        self._run("restore", None, None, body, writes=True)
+
+    def _close_copy(self) -> None:
+        """Close a copy; a borrowed root key is left to the session that owns it."""
+        with self._lock:
+            if not self._borrowed_root:
+                self.close()
+                return
+            if self._closed:
+                return
+            self._closed = True
+            for kek in self._keks.values():
+                kek.wipe()
+            self._keks.clear()
+            self._vkeys.close()
+            self._storage.close()
+
 
 def _valid_actor(actor: str) -> bool:
     try:

@@ -1042,6 +1042,187 @@ class SQLiteStorage:
             if self._conn.in_transaction:
                 self._conn.rollback()
 
+    # -- backup and restore (issue 14) ------------------------------------------
+
+    def backup_to(self, target: Path) -> None:
+        """Copy this database, as one consistent snapshot, into a new file at ``target``.
+
+        SQLite's online backup API, from this connection, in one step: it
+        reads one snapshot (WAL: writers in other processes go on, and the
+        copy holds every commit made before it began, none half). No other
+        descriptor of ``vault.db`` is opened, so no POSIX lock of this
+        process is dropped (see :func:`_held_descriptor`). The copy is made
+        a rollback-journal database: one self-contained file, with no
+        ``-wal`` to lose. ``target`` must not exist; it is created 0600
+        without following links.
+        """
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create backup file {target}: {exc.strerror}") from None
+        try:
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                self._conn.backup(copy)
+                crash_point("backup-after-copy")
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
+            fsync_file(target)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        except OSError as exc:
+            raise StorageError(f"cannot write backup file {target}: {exc.strerror}") from None
+
+    @classmethod
+    def open_copy(cls, path: Path, synchronous: str = "normal", busy_timeout: float = 10.0
+                  ) -> SQLiteStorage:
+        """Open a private copy of a vault (a backup being checked or restored).
+
+        Like :meth:`open`, but the header is checked through a descriptor
+        closed *before* SQLite opens the file: the copy is this process's
+        own file, so no lock can be lost, and no descriptor stays held.
+        """
+        from ._files import open_trusted
+        from .errors import ConfigError
+
+        try:
+            fd = open_trusted(path, "vault copy")
+        except FileNotFoundError:
+            raise VaultMissingError(f"no vault copy at {path}") from None
+        except OSError as exc:
+            raise StorageError(f"vault copy {path} cannot be read: {exc.strerror}") from None
+        try:
+            header = os.pread(fd, 100, 0)
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise StorageError(f"vault copy {path} cannot be read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+            raise IntegrityError(f"{path} is not a keyring-hardened vault (empty, truncated or "
+                                 "foreign file)", "copy-header")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        if pages and header[24:28] == header[92:96] and size < pages * page_size:
+            raise IntegrityError(f"vault copy {path} is truncated ({size} of "
+                                 f"{pages * page_size} bytes)", "copy-truncated")
+        try:
+            _check_companions(path)
+        except ConfigError as exc:
+            raise IntegrityError(str(exc), "copy-companion") from None
+        try:
+            conn = cls._connect(path, synchronous, busy_timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        store = cls(path, conn, busy_timeout)
+        try:
+            store._check_and_migrate()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def use_wal(self) -> None:
+        """Switch this (private, unshared) database to WAL, as every live vault is."""
+        self._rows("PRAGMA journal_mode = WAL")
+        self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _schema_rows(self, schema: str) -> list[tuple[str, str, str]]:
+        # Only the schema name varies, and it is one of ours ("main", "src").
+        return [tuple(r) for r in self._rows(
+            f"SELECT type, name, sql FROM {schema}.sqlite_master"  # noqa: S608
+            " WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY type != 'table', name")]
+
+    def replace_with(self, source: Path, keep: Path, expect_root: bytes | None,
+                     key_version: int) -> None:
+        """Make this vault's rows those of ``source``, in one transaction; keep the old ones.
+
+        Why rows and not a file rename: other processes may hold
+        ``vault.db`` open. After a rename they would go on writing to the
+        unlinked inode (acknowledged writes lost), and a ``-wal`` left by
+        the old file could be replayed onto the new one. A transaction on
+        the same file is what every other connection already knows how to
+        wait for: their writes queue on SQLite's lock (busy timeout) and
+        then see the restored rows; their readers finish on their snapshot.
+
+        ``keep`` (a new, absent file) receives the replaced rows in the
+        same transaction, so what was replaced is exactly what is kept.
+        ``expect_root`` is the state root of the newest event the caller
+        checked: if another process changed the vault since (reads change
+        no root), nothing is changed (None: the caller accepts a rollback,
+        and writes made meanwhile are kept in ``keep`` like the rest).
+        ``key_version`` is the newest KEK version the caller saw: a rotation
+        since (which the copy's keys would not step past) also changes
+        nothing.
+        """
+        import stat as stat_
+
+        try:
+            fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create {keep}: {exc.strerror}") from None
+        tables = [name for kind, name, _ in self._schema_rows("main") if kind == "table"]
+        try:
+            old = sqlite3.connect(keep, isolation_level=None)
+            try:
+                old.execute("PRAGMA journal_mode = DELETE")
+                old.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                for _kind, _name, sql in self._schema_rows("main"):
+                    old.execute(sql)
+                version, = self._rows("PRAGMA user_version")[0]
+                old.execute(f"PRAGMA user_version = {int(version)}")
+            finally:
+                old.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, keep) from None
+        if not stat_.S_ISREG(os.lstat(source).st_mode):
+            raise StorageError(f"{source} is not a regular file")
+        import urllib.parse
+
+        uri = f"file:{urllib.parse.quote(os.fsencode(source.absolute()))}?mode=ro"
+        keep_uri = f"file:{urllib.parse.quote(os.fsencode(keep.absolute()))}?mode=rw"
+        self._run("ATTACH DATABASE ? AS src", (uri,))
+        try:
+            self._run("ATTACH DATABASE ? AS old", (keep_uri,))
+            try:
+                if self._schema_rows("src") != self._schema_rows("main"):
+                    raise IntegrityError(f"{source} has another schema than this vault; "
+                                         "nothing was changed", "copy-schema")
+                with self.transaction():
+                    newest = max((k.version for k in self.keks()), default=0)
+                    head = self.newest_events(1)
+                    if (expect_root is not None and (not head or head[0].root != expect_root)) \
+                            or newest != key_version:
+                        raise StorageError("the vault changed while it was being restored "
+                                           "(another process wrote to it); nothing was "
+                                           "changed: run restore again", "restore-raced")
+                    # Checked at commit: rows go in parents-last order otherwise.
+                    self._run("PRAGMA defer_foreign_keys = ON")
+                    for table in tables:
+                        # Table names come from the vault's own schema, compared above.
+                        self._run(f'INSERT INTO old."{table}" SELECT * FROM main."{table}"')  # noqa: S608
+                    crash_point("restore-before-swap")
+                    for table in tables:
+                        self._run(f'DELETE FROM main."{table}"')  # noqa: S608
+                        self._run(f'INSERT INTO main."{table}" SELECT * FROM src."{table}"')  # noqa: S608
+                    crash_point("restore-before-commit")
+            finally:
+                self._run("DETACH DATABASE old")
+        finally:
+            self._run("DETACH DATABASE src")
+        fsync_file(keep)
+
 
 def _chunks(items: list[int], size: int = 500) -> Iterator[list[int]]:
     """Slices small enough for SQLite's limit on placeholders."""

@@ -432,9 +432,13 @@ class Store(Session):
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
                     for k in meta.keks]
             made = storage.last_event("init")
+            restored = storage.last_event("restore")
             return {"counts": storage.counts(), "keys": keks, "schema": storage.schema(),
                     "sealed": None if meta.seal is None else {"since": meta.seal[0],
                                                               "by": meta.seal[1]},
+                    "last_restore": None if restored is None else {
+                        "at": restored.ts_us / 1_000_000, "by": restored.actor,
+                        "reason": restored.reason, "event": restored.seq},
                     "active": meta.active, "epoch": meta.vault.generation,
                     "created_by": made.actor if made else None,
                     "created_implicitly": bool(made and (made.reason or "").endswith(
@@ -459,6 +463,7 @@ class Store(Session):
             "created_by": found["created_by"],
             "created_implicitly": found["created_implicitly"],
             "sealed": found["sealed"],
+            "last_restore": found["last_restore"],
             **found["counts"],
             "warnings": self._warnings(),
         }
@@ -499,3 +504,38 @@ class Store(Session):
             if mode & 0o077:
                 found.append(f"{path} is accessible by group or others (mode {mode:04o})")
         return found + self._kdf_warnings()
+
+    # -- moving in (issue 14) ---------------------------------------------
+
+    def import_secret(self, service: str, username: str, secret: str | Secret, *,
+                      source: str, update: bool = False) -> tuple[str, int | None]:
+        """Store a credential read from another keyring; audited as ``import`` naming ``source``.
+
+        The write path of :meth:`set` (same checks, one write transaction,
+        a new version under the active KEK), deciding in the same
+        transaction whether the credential already exists: a live one is
+        left as it is (``"skipped"``) unless ``update``, which makes a new
+        version (``"updated"``); otherwise ``"imported"``. Returns the
+        outcome and the stored version (None when skipped).
+        """
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        _check_name("source", source, allow_empty=False)
+        if len(source) > 200 or not source.isprintable():
+            raise UsageError("source must be a short printable name")
+        data = _secret_bytes(secret)
+
+        def body(storage: SQLiteStorage, note: _Note) -> tuple[str, int | None]:
+            now = self._clock()
+            head = self._find(storage, service, username)
+            exists = head is not None and head.current_version is not None
+            if exists and not update:
+                note.reason = f"skipped, exists; from {source}"
+                return "skipped", None
+            if head is None:
+                head = storage.new_head(service, username, bucket_of(service), now)
+            note.reason = f"from {source}"
+            return ("updated" if exists else "imported",
+                    self._write_version(storage, head, data, now, note))
+
+        return self._run("import", service, username, body, writes=True)

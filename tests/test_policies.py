@@ -745,3 +745,23 @@ def test_a_long_lived_process_verifies_the_rows_as_they_are(seeded: Path) -> Non
             s.get("ci/app", "deploy")
         with pytest.raises(IntegrityError, match="rows do not match the state"):
             s.trail.verify()
+
+
+def test_import_backup_and_restore_need_admin(seeded: Path, tmp_path: Path) -> None:
+    _write_config(seeded, '[[policies]]\nactors = ["ops"]\nservices = ["*"]\ndeny = ["admin"]\n')
+    entries = tmp_path / "entries.txt"
+    entries.write_text("ci/app\tdeploy\n")
+    env = {"KEYRING_HARDENED_ACTOR": "ops"}
+    for argv in (["backup", str(tmp_path / "copy.db")],
+                 ["import", "--from", "keyrings.alt.file.PlaintextKeyring", "--entries",
+                  str(entries)]):
+        done = run_cli(*argv, home=seeded, env=env)
+        assert done.returncode == 4, (argv, done.stderr)
+        assert "may not admin the whole vault" in done.stderr
+    assert not (tmp_path / "copy.db").exists()
+    made = run_cli("backup", str(tmp_path / "copy.db"), home=seeded)  # another actor may
+    assert made.returncode == 0, made.stderr
+    done = run_cli("restore", str(tmp_path / "copy.db"), home=seeded, env=env)
+    assert done.returncode == 4, done.stderr
+    ops = [e[1] for e in _events(seeded) if e[3] == "denied"]
+    assert ops == ["backup", "import"]  # the restore's refusal is in the copy it refused
