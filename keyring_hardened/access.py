@@ -69,9 +69,9 @@ BucketKey = tuple[int, str]
 #: token arithmetic lose its fractions.
 _MAX_COUNT = 1_000_000_000
 _EXPECTED_OPS = "read, write, delete, list or admin"
-# Only a token of this shape is quoted back in a message: an operation name
-# or a short glob. Anything else (a pasted password, say) is never echoed.
-_ECHO = re.compile(r"[a-z*?\[\]!-]{1,12}")
+# Only a near-miss of an operation name ("raed") is quoted back in a message;
+# anything else (a pasted password, say) is never echoed.
+_ECHO = re.compile(r"[a-z]{1,8}")
 _BARE_KEY = re.compile(r"[a-z_]{1,16}")
 
 
@@ -300,7 +300,7 @@ def _op_list(key: str, table: dict[str, Any], name: str, problems: list[str],
         problem = _glob_problem(token)
         named = {op for op in OPERATIONS if fnmatchcase(op, token)} if not problem else set()
         if not named:
-            shown = f' "{token}"' if _ECHO.fullmatch(token) else ""
+            shown = f' "{token}"' if _near_operation(token) else ""
             problems.append(f"{where}: unknown operation{shown} (expected {_EXPECTED_OPS})")
         ops |= named
     return frozenset(ops)
@@ -321,6 +321,15 @@ def _count(key: str, table: dict[str, Any], name: str, problems: list[str]) -> i
     return value
 
 
+def _near_operation(token: str) -> bool:
+    """Whether ``token`` is a short misspelling of an operation name (safe to quote back)."""
+    if not _ECHO.fullmatch(token):
+        return False
+    import difflib  # only on a config error
+
+    return bool(difflib.get_close_matches(token, OPERATIONS, n=1, cutoff=0.7))
+
+
 def _glob_problem(glob: str) -> str | None:
     """Why fnmatch would not read ``glob`` as its author meant, or None.
 
@@ -338,6 +347,10 @@ def _glob_problem(glob: str) -> str | None:
             j += 1
         if j < n and glob[j] == "]":  # a leading ] is a literal member
             j += 1
+        if glob.startswith("[^", i):
+            # fnmatch takes ^ literally, where shells and regexes negate: a
+            # rule would match the opposite of what it seems to say.
+            return 'a "[^" set in glob: fnmatch reads ^ literally (write "[!...]" to negate)'
         end = glob.find("]", j)
         if end < 0:
             return 'unbalanced "[" in glob (write "[[]" to match a literal "[")'

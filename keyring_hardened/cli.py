@@ -442,14 +442,14 @@ def cmd_unseal(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    """Explain what access control would do with a request (exit 0 allowed, 4 denied, 5 limited)."""
+    """Explain what access control would do with a request (exit 0 allowed, 4, 5, 6)."""
     from .location import default_actor
 
     with _open(args) as store:
         found = store.explain(args.actor if args.actor is not None else default_actor(),
                               args.op, args.service)
-    code = 0 if found.allowed and not found.limited else 4 if not found.allowed else 5
-    verdict = {0: "allowed", 4: "denied", 5: "rate limited now"}[code]
+    code = (6 if found.sealed else 4 if not found.allowed else 5 if found.limited else 0)
+    verdict = {0: "allowed", 4: "denied", 5: "rate limited now", 6: "sealed"}[code]
     if args.json:
         print(_json({"actor": found.actor, "op": found.op, "service": found.service,
                      "decision": "allow" if found.allowed else "deny", "reason": found.reason,

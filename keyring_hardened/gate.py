@@ -135,9 +135,15 @@ def decision(config: AccessConfig, actor: str, access: str, service: str | None)
 
 
 def denied(actor: str, access: str, service: str | None, found: Decision) -> DeniedError:
-    """The refusal of a policy: actor, operation, target and the deciding rule."""
+    """The refusal of a policy: actor, operation, target and the deciding rule.
+
+    The rule is named by its place only, never by its globs: a secret
+    pasted into a rule would otherwise reach the stderr (and CI logs) of
+    every actor it denies. ``policy test`` shows the globs to the operator.
+    """
+    why = found.reason if found.rule is None else f"policies[{found.rule}] denies {access}"
     return DeniedError(f"access denied: actor {actor!r} may not {access} "
-                       f"{describe_service(service)} ({found.reason})", "denied")
+                       f"{describe_service(service)} ({why})", "denied")
 
 
 def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,

@@ -197,6 +197,10 @@ def _source(cfg: Config, passphrase: str | None,
 #: Failed unlocks that are guesses, and count in the unlock throttle. A missing
 #: key file or passphrase is a setup problem, not a guess.
 _GUESSES = frozenset({"wrong-key", "wrong-passphrase"})
+#: An attempt older than this (seconds) was cut off (kill -9) and no longer counts as running.
+_ATTEMPT_STALE = 120.0
+#: How long an attempt waits for others running side by side (seconds, real time).
+_BUSY_WAIT = 30.0
 
 
 def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
@@ -204,42 +208,78 @@ def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
     """Keep a failed unlock for the trail; it is chained at the next good unlock."""
     # The unlock failed anyway; a vault we cannot write (read-only media)
     # must still answer with the real reason, not a storage error.
-    now = clock()
     with contextlib.suppress(HardenedError):
-        storage.add_pending(int(now * 1_000_000), actor, "unlock", exc.kind, exc.reason,
-                            failed_unlock_at=now if exc.reason in _GUESSES else None)
+        storage.add_pending(int(clock() * 1_000_000), actor, "unlock", exc.kind, exc.reason)
 
 
-def _count_failed_unlock(storage: SQLiteStorage, now: float) -> None:
-    """Count one wrong guess in the unlock throttle (its own transaction)."""
-    with contextlib.suppress(HardenedError), storage.transaction():
-        failures, _ = storage.unlock_throttle()
-        storage.set_unlock_throttle(min(failures + 1, 1 << 30), now)
+class _Attempt:
+    """One unlock attempt as the throttle counts it; end it with exactly one outcome."""
+
+    def __init__(self, storage: SQLiteStorage, clock: Clock, attempt: int | None,
+                 failures: int) -> None:
+        self._storage, self._clock = storage, clock
+        self._attempt, self._failures = attempt, failures
+
+    def ended(self, exc: BaseException | None) -> None:
+        """Count the outcome: a correct key resets, a wrong one adds one, else nothing."""
+        if exc is None:
+            outcome = "ok" if self._failures or self._attempt is not None else ""
+        else:
+            outcome = "guess" if isinstance(exc, LockedError) and exc.reason in _GUESSES \
+                else "other"
+        if outcome or self._attempt is not None:
+            # A vault we cannot write must still answer with the real outcome.
+            with contextlib.suppress(HardenedError):
+                self._storage.end_unlock_attempt(self._attempt, outcome, self._clock())
 
 
-def _throttle(storage: SQLiteStorage, clock: Clock) -> int:
-    """Refuse an unlock attempt while the failed-unlock backoff runs; claim the attempt.
+def _throttle(storage: SQLiteStorage, clock: Clock, claim: bool) -> _Attempt:
+    """Refuse an unlock attempt while the failed-unlock backoff runs; else start one.
 
-    Returns the count of failures in a row found (0 in the common case, read
-    without a write). Past the free attempts, an allowed attempt restarts
-    the wait before it runs, in one transaction, so processes guessing side
-    by side get one attempt per wait between them, not one each.
+    ``claim`` (passphrase vaults): the attempt is recorded as running before
+    the KDF runs, and running attempts count against the free ones, so
+    guesses made side by side get no more than guesses made one by one; an
+    attempt that finds the free ones taken by running attempts waits for
+    them (up to 30 s), since they may well be correct. Past the free
+    attempts, one attempt runs per wait. Key-file vaults (a key file cannot
+    be guessed) count wrong keys after the fact, without a write when there
+    are none. The common case (no failures, key file) reads one row.
     """
     from .access import FREE_FAILURES, throttle_check
 
     failures, _ = storage.unlock_throttle()
-    if failures < FREE_FAILURES:
-        return failures
-    with storage.transaction():
-        failures, last_at = storage.unlock_throttle()
-        now = clock()
-        allowed, wait = throttle_check(failures, last_at, now)
-        if allowed:
-            storage.set_unlock_throttle(failures, now)
-    if not allowed:
-        raise LockedError(f"unlocking is paused after {failures} failed attempts in a row; "
-                          f"try again in {math.ceil(wait)} s", "unlock-throttled")
-    return failures
+    if not claim and failures < FREE_FAILURES:
+        return _Attempt(storage, clock, None, failures)
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        attempt: int | None = None
+        running = 0
+        with storage.transaction():
+            failures, last_at = storage.unlock_throttle()
+            now = clock()
+            if last_at > now:
+                # Dated in the future (a clock set back, or an edit): the wait
+                # counts from now, so it ends, at most one full delay away.
+                last_at = now
+                storage.set_unlock_throttle(failures, now)
+            allowed, wait = throttle_check(failures, last_at, now)
+            if allowed and claim:
+                running = storage.unlock_attempts(now - _ATTEMPT_STALE)
+                if running < (FREE_FAILURES - failures if failures < FREE_FAILURES else 1):
+                    attempt = storage.start_unlock_attempt(now)
+                    if failures >= FREE_FAILURES:
+                        storage.set_unlock_throttle(failures, now)  # the wait restarts
+            elif allowed and failures >= FREE_FAILURES:
+                storage.set_unlock_throttle(failures, now)
+        if not allowed:
+            raise LockedError(f"unlocking is paused after {failures} failed attempts in a "
+                              f"row; try again in {math.ceil(wait)} s", "unlock-throttled")
+        if not claim or attempt is not None:
+            return _Attempt(storage, clock, attempt, failures)
+        if time.monotonic() > deadline:
+            raise LockedError(f"unlocking is busy: {running} attempts are running; try again",
+                              "unlock-busy")
+        time.sleep(0.05)
 
 
 def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
@@ -425,16 +465,15 @@ class Session:
                                  "upgrade (once)", "needs-upgrade")
             if vault.state_version not in (0, 1):
                 raise _tampered("the vault record", "vault-record")
-            failures = _throttle(storage, clock)
+            attempt = _throttle(storage, clock, KdfParams.from_json(vault.kdf).uses_passphrase)
             try:
                 root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
-            except LockedError as exc:
-                _record_pending(storage, clock, who, exc)
+            except BaseException as exc:
+                attempt.ended(exc)
+                if isinstance(exc, LockedError):
+                    _record_pending(storage, clock, who, exc)
                 raise
-            if failures:
-                # A correct key ends the backoff.
-                with storage.transaction():
-                    storage.set_unlock_throttle(0, 0.0)
+            attempt.ended(None)  # a correct key ends the backoff
             store = cls._ready(location, cfg, storage, vault, root, clock, who)
             if notice:
                 store.notices.append(notice)

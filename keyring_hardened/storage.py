@@ -175,6 +175,12 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             failures INTEGER NOT NULL,
             last_at REAL NOT NULL
         )""",
+        # Passphrase attempts running now (their KDF takes a while): counted
+        # against the free attempts, so guesses made side by side get no more.
+        """CREATE TABLE unlock_attempts (
+            id INTEGER PRIMARY KEY,
+            started_at REAL NOT NULL
+        )""",
     )),
 )
 
@@ -601,6 +607,31 @@ class SQLiteStorage:
             last_at = float("inf")
         return failures, float(last_at)
 
+    def unlock_attempts(self, stale_before: float) -> int:
+        """Attempts running now; those started before ``stale_before`` (crashed) are dropped."""
+        self._run("DELETE FROM unlock_attempts WHERE NOT (started_at >= ?)", (stale_before,))
+        return int(self._rows("SELECT count(*) FROM unlock_attempts")[0][0])
+
+    def start_unlock_attempt(self, now: float) -> int:
+        """Record an attempt that is about to run; returns its id."""
+        cur = self._conn.execute("INSERT INTO unlock_attempts (started_at) VALUES (?)", (now,))
+        return int(cur.lastrowid or 0)
+
+    def end_unlock_attempt(self, attempt: int | None, outcome: str, now: float) -> None:
+        """An attempt is over, in one transaction: forget it, and count its outcome.
+
+        ``outcome``: ``"ok"`` resets the count, ``"guess"`` (a wrong key or
+        passphrase) adds one, anything else leaves the count as it is.
+        """
+        with self.transaction():
+            if attempt is not None:
+                self._run("DELETE FROM unlock_attempts WHERE id = ?", (attempt,))
+            if outcome == "ok":
+                self.set_unlock_throttle(0, 0.0)
+            elif outcome == "guess":
+                failures, _ = self.unlock_throttle()
+                self.set_unlock_throttle(min(failures + 1, 1 << 30), now)
+
     def set_unlock_throttle(self, failures: int, last_at: float) -> None:
         """Record the failed-unlock count (0 removes the row)."""
         self._run("DELETE FROM unlock_throttle")
@@ -967,18 +998,11 @@ class SQLiteStorage:
         self._run("UPDATE audit_anchor SET seq = ?, mac = ? WHERE id = 1", (seq, mac))
 
     def add_pending(self, ts_us: int, actor: str, op: str, outcome: str,
-                    reason: str | None, *, failed_unlock_at: float | None = None) -> None:
-        """Record an event that cannot be chained yet (its own transaction).
-
-        With ``failed_unlock_at``, a failed guess also counts in the unlock
-        throttle, in the same transaction.
-        """
+                    reason: str | None) -> None:
+        """Record an event that cannot be chained yet (its own transaction)."""
         with self.transaction():
             self._run("INSERT INTO audit_pending (ts_us, actor, op, outcome, reason)"
                       " VALUES (?, ?, ?, ?, ?)", (ts_us, actor, op, outcome, reason))
-            if failed_unlock_at is not None:
-                failures, _ = self.unlock_throttle()
-                self.set_unlock_throttle(min(failures + 1, 1 << 30), failed_unlock_at)
 
     def has_pending(self) -> bool:
         """Whether failed unlocks wait to be chained."""

@@ -19,10 +19,8 @@ from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, Us
 from .location import validate_actor
 from .secret import Secret
 from .session import (
-    _GUESSES,
     IMPLICIT_INIT,
     Session,
-    _count_failed_unlock,
     _label,
     _Note,
     _throttle,
@@ -47,6 +45,10 @@ class CredentialInfo(NamedTuple):
     username: str
     version: int
     updated_at: float
+
+
+def _nothing(storage: SQLiteStorage, note: _Note) -> None:
+    """An operation that does nothing: only the door's check and its audit event."""
 
 
 class LimitState(NamedTuple):
@@ -75,6 +77,11 @@ class Explanation(NamedTuple):
     def limited(self) -> bool:
         """Whether a limit would reject the request right now."""
         return any(limit.retry_after > 0 for limit in self.limits)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the seal would refuse the request (credential operations, while sealed)."""
+        return self.seal is not None and self.op != "admin"
 
 
 class VersionInfo(NamedTuple):
@@ -361,13 +368,22 @@ class Store(Session):
         A wrong proof is audited, counts in the unlock throttle, and raises
         :class:`LockedError`.
         """
+        config = self.config.access
+        if config is not None and not gate.decision(config, self.actor, "admin", None).allowed:
+            # Refused before any proof is tried: a wrong proof from an actor
+            # that may not unseal must not count against everyone's unlocks.
+            self._run("unseal", None, None, _nothing)
         with self._guard() as storage:
-            failures = _throttle(storage, self._clock)
+            attempt = _throttle(storage, self._clock, self._kdf.uses_passphrase)
         try:
             self._prove(passphrase, prompt, key_file)
-        except LockedError as exc:
+        except BaseException as exc:
+            attempt.ended(exc)
+            if not isinstance(exc, LockedError):
+                raise
             proof: LockedError | None = exc
         else:
+            attempt.ended(None)
             proof = None
 
         def body(storage: SQLiteStorage, note: _Note) -> None:
@@ -380,15 +396,7 @@ class Store(Session):
             storage.set_seal(None)
             self._set_meta_seal(self._state(), meta, None)
 
-        try:
-            self._run("unseal", None, None, body, writes=True)
-        finally:
-            if proof is not None and proof.reason in _GUESSES:
-                with self._guard() as storage:
-                    _count_failed_unlock(storage, self._clock())
-            elif proof is None and failures:
-                with self._guard() as storage, storage.transaction():
-                    storage.set_unlock_throttle(0, 0.0)
+        self._run("unseal", None, None, body, writes=True)
 
     def explain(self, actor: str, op: str, service: str | None) -> Explanation:
         """What access control would do with a request, without making it (``policy test``).
@@ -407,6 +415,14 @@ class Store(Session):
         def body(storage: SQLiteStorage, note: _Note) -> Explanation:
             meta = self._meta(storage)
             found = gate.decision(config, actor, op, service)
+            if op == "list" and service is None:
+                # As list does: no decision for the whole vault, a filter per service.
+                found = found._replace(allowed=True, reason=(
+                    "the whole-vault list is filtered: it shows each credential whose service "
+                    "this actor may both list and read"))
+            elif op == "list" and found.allowed:
+                # Naming a service's usernames leads to reading them: read is needed too.
+                found = gate.decision(config, actor, "read", service)
             stored = {(b.rule, b.actor): b for b in meta.buckets}
             limits = []
             now = self._clock()
