@@ -1,0 +1,264 @@
+"""The unlock agent's protocol, and the client every surface uses to reach it.
+
+Frames over a Unix stream socket: a 4-byte big-endian length, then that many
+bytes of UTF-8 JSON, at most :data:`MAX_FRAME`. A request is an object
+``{"v": 1, "op": OP, ...arguments}``; the answer is ``{"v": 1, "ok": true,
+"result": ...}`` or ``{"v": 1, "ok": false, "error": {"kind", "code",
+"reason", "message", "retry_after"}}``, which the client raises as the same
+:class:`~keyring_hardened.errors.HardenedError` subclass direct mode would
+(same exit code, same keyring exception through the backend).
+
+Requests carry names and values, never key material. The agent learns who
+asks from the kernel (``SO_PEERCRED``), not from the request; a request may
+carry ``declared``, the caller's ``KEYRING_HARDENED_ACTOR``, which is
+recorded beside the verified identity (see docs/agent.md).
+
+:func:`connect` is what the keyring backend, the CLI's credential commands
+and the Ansible plugins call before opening the vault themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import errors
+from .errors import HardenedError, LockedError, StorageError
+from .location import ENV_ACTOR, Location
+from .secret import Secret
+
+__all__ = ["ENV_AGENT_SOCK", "MAX_FRAME", "VERSION", "AgentStore", "connect", "recv_frame",
+           "send_frame", "socket_path"]
+
+#: Overrides ``<home>/agent.sock``.
+ENV_AGENT_SOCK = "KEYRING_HARDENED_AGENT_SOCK"
+VERSION = 1
+#: A request or an answer is at most this long: a secret (1 MiB) plus names, as JSON.
+MAX_FRAME = 8 << 20
+_LEN = struct.Struct(">I")
+
+#: The error classes by their ``kind``, to raise what the agent raised.
+_KINDS: dict[str, type[HardenedError]] = {
+    cls.kind: cls for cls in (errors.NotFoundError, errors.UsageError, errors.ConfigError,
+                              errors.IntegrityError, errors.DeniedError, errors.LockedError,
+                              errors.ExpiredError, errors.StorageError)}
+
+
+def socket_path(location: Location) -> Path:
+    """Where the agent of this vault listens: ``KEYRING_HARDENED_AGENT_SOCK``, else the home's."""
+    override = os.environ.get(ENV_AGENT_SOCK)
+    return Path(override).expanduser() if override else location.home / "agent.sock"
+
+
+def send_frame(sock: socket.socket, doc: Any) -> None:
+    """Send one frame."""
+    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8",
+                                                                              "surrogatepass")
+    if len(data) > MAX_FRAME:
+        raise errors.UsageError("the request is too large for the agent")
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 16))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> Any:
+    """Receive one frame; None when the peer closed the connection before one began.
+
+    Raises ValueError on a malformed frame (too long, not UTF-8 JSON, cut short).
+    """
+    head = _recv_exact(sock, _LEN.size)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ValueError("frame too long")
+    body = _recv_exact(sock, n)
+    if body is None:
+        raise ValueError("frame cut short")
+    return json.loads(body.decode("utf-8"))
+
+
+def raise_error(doc: Any) -> None:
+    """Raise the error an answer carries, as the class direct mode raises."""
+    if not isinstance(doc, dict):
+        raise StorageError("the agent answered with a malformed error", "agent-protocol")
+    kind, message = doc.get("kind"), doc.get("message")
+    text = message if isinstance(message, str) else "the agent refused the request"
+    reason = doc.get("reason") if isinstance(doc.get("reason"), str) else None
+    if kind == "rate-limited":
+        wait = doc.get("retry_after")
+        raise errors.RateLimitedError(text, float(wait) if isinstance(wait, int | float)
+                                      else 1.0, reason)
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    raise (cls or StorageError)(text, reason)
+
+
+class AgentStore:
+    """The credential operations of a vault, performed by its agent.
+
+    The same methods and answers as :class:`~keyring_hardened.store.Store`
+    for what the agent serves (get, set, delete, credentials, usernames,
+    history, rollback); it holds no key. One connection, reused, one
+    request at a time; a broken connection is made again once.
+    """
+
+    def __init__(self, path: Path, location: Location, declared: str | None = None) -> None:
+        self.path = path
+        self.location = location
+        #: The actor this caller declares (recorded beside the verified one).
+        self.declared = declared if declared is not None else os.environ.get(ENV_ACTOR)
+        self.notices: list[str] = []
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"AgentStore(socket={str(self.path)!r})"
+
+    def __enter__(self) -> AgentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the agent keeps running)."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(_TIMEOUT)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def request(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result, or raise its error."""
+        doc = {"v": VERSION, "op": op, **args}
+        if self.declared:
+            doc["declared"] = self.declared
+        with self._lock:
+            if os.getpid() != self._pid:  # after fork: the parent's connection is not ours
+                self._sock, self._pid = None, os.getpid()
+            for attempt in (1, 2):
+                try:
+                    if self._sock is None:
+                        self._sock = self._connect()
+                    send_frame(self._sock, doc)
+                    answer = recv_frame(self._sock)
+                    if answer is None:
+                        raise ConnectionResetError("the agent closed the connection")
+                    break
+                except (OSError, ValueError) as exc:
+                    if self._sock is not None:
+                        self._sock.close()
+                        self._sock = None
+                    if attempt == 2 or isinstance(exc, ValueError | TimeoutError):
+                        raise LockedError(f"the agent at {self.path} did not answer ({_why(exc)})"
+                                          f"; is it running? start it: keyring-hardened agent "
+                                          "start", "agent-down") from None
+        if not isinstance(answer, dict) or answer.get("v") != VERSION:
+            raise StorageError("the agent answered in an unknown protocol version",
+                               "agent-protocol")
+        if not answer.get("ok"):
+            raise_error(answer.get("error"))
+        return answer.get("result")
+
+    # -- the credential operations, as Store has them ---------------------------------
+
+    def get(self, service: str, username: str, *, version: int | None = None) -> Secret:
+        """The current secret (or ``version``); NotFoundError if absent."""
+        value = self.request("get", service=service, username=username, version=version)
+        if not isinstance(value, str):
+            raise StorageError("the agent answered get without a value", "agent-protocol")
+        return Secret(value)
+
+    def set(self, service: str, username: str, secret: str | Secret, *,
+            ttl: float | None = None) -> int:
+        """Store a new version; returns its number."""
+        value = secret.reveal() if isinstance(secret, Secret) else secret
+        return int(self.request("set", service=service, username=username, secret=value,
+                                ttl=ttl))
+
+    def delete(self, service: str, username: str, *, purge: bool = False) -> None:
+        """Delete a credential (``purge``: every kept version too)."""
+        self.request("delete", service=service, username=username, purge=purge)
+
+    def rollback(self, service: str, username: str, *, to_version: int | None = None,
+                 allow_expired: bool = False) -> int:
+        """Restore a kept version as a new version; returns its number."""
+        return int(self.request("rollback", service=service, username=username,
+                                to_version=to_version, allow_expired=allow_expired))
+
+    def usernames(self, service: str) -> list[str]:
+        """The usernames of a service, most recently updated first."""
+        return [str(u) for u in self.request("usernames", service=service)]
+
+    def credentials(self) -> list[Any]:
+        """Every live credential the caller may see (names and versions only)."""
+        from .store import CredentialInfo
+
+        return [CredentialInfo(*row) for row in self.request("list")]
+
+    def history(self, service: str, username: str) -> list[Any]:
+        """Kept versions of a credential, newest first (no values)."""
+        from .store import VersionInfo
+
+        return [VersionInfo(*row) for row in self.request("history", service=service,
+                                                          username=username)]
+
+
+_TIMEOUT = 60.0
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def connect(location: Location, declared: str | None = None) -> AgentStore | None:
+    """The vault's agent, if one serves it; None to open the vault directly.
+
+    No socket: None (direct mode). A socket nobody answers on (an agent
+    killed with -9): None in key-file mode, where this process can open the
+    vault itself; otherwise :class:`LockedError` (exit 6) naming the socket
+    and how to start the agent, since the passphrase is not at hand here.
+    """
+    path = socket_path(location)
+    try:
+        if not path.is_socket():
+            return None
+    except OSError:
+        return None
+    store = AgentStore(path, location, declared)
+    try:
+        store.request("ping")
+    except LockedError as exc:
+        if exc.reason != "agent-down":
+            raise  # a locked agent answers: its refusal is the answer
+        if location.key_file.exists():
+            return None  # key-file mode: this process can unlock the vault itself
+        raise LockedError(f"the agent at {path} is not running; start it: keyring-hardened "
+                          "agent start", "agent-down") from None
+    return store
