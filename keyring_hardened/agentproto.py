@@ -247,9 +247,14 @@ def connect(location: Location, declared: str | None = None) -> AgentStore | Non
     """
     path = socket_path(location)
     try:
-        if not path.is_socket():
-            return None
+        found = path.is_socket()
     except OSError:
+        found = False
+    if not found:
+        if os.environ.get(ENV_AGENT_SOCK):
+            # Asked for by name: not finding it is an error, not a reason to go direct.
+            raise LockedError(f"no agent socket at {path} ({ENV_AGENT_SOCK}); start the agent "
+                              "or unset the variable", "agent-down")
         return None
     store = AgentStore(path, location, declared)
     try:

@@ -638,6 +638,10 @@ def cmd_agent_stop(args: argparse.Namespace) -> int:
     """Stop the agent (its keys are wiped)."""
     with _agent_client(args) as client:
         client.request("stop")
+        # Return once it is gone, so that a start right after finds the place free.
+        deadline = time.monotonic() + 10
+        while client.path.is_socket() and time.monotonic() < deadline:
+            time.sleep(0.05)
     return 0
 
 
