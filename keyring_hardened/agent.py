@@ -319,6 +319,15 @@ class Agent:
             store.actor, store.policy_actor = validate_actor(label[:256]), policy
             try:
                 return _call(store, op, request)
+            except LockedError as exc:
+                if exc.reason != "root-replaced":
+                    raise
+                # A rekey elsewhere revoked the key this agent holds (passphrase
+                # mode cannot re-read it): lock, and say how to go on.
+                self.lock()
+                raise LockedError("the vault was rekeyed after the agent unlocked it; unlock "
+                                  "it again: keyring-hardened agent unlock",
+                                  "agent-locked") from None
             finally:
                 store.actor, store.policy_actor = previous
 

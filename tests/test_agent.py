@@ -389,3 +389,29 @@ def test_an_ansible_lookup_reads_through_the_agent(collections_path: Path,  # no
     # Verified from the kernel, with the plugin's actor recorded as declared.
     assert any(a.startswith("root:ansible") and "(declared root:ansible" in a
                for a in _actors(agent)), _actors(agent)
+
+
+def test_max_lifetime_stops_the_agent(vault: Path) -> None:
+    assert _start(vault, "--max-lifetime", "3s").returncode == 0
+    assert run_cli("agent", "status", home=vault).returncode == 0
+    for _ in range(100):
+        if not (vault / "agent.sock").exists():
+            break
+        time.sleep(0.1)
+    assert not (vault / "agent.sock").exists()
+    gone = run_cli("agent", "status", home=vault)
+    assert gone.returncode == 6
+    assert "did not answer" in gone.stderr
+
+
+def test_a_rekey_elsewhere_locks_the_agent(agent: Path) -> None:
+    rekeyed = run_cli("key", "rekey", "--passphrase", home=agent,
+                      env={"KEYRING_HARDENED_PASSPHRASE": PASSPHRASE,
+                           "KEYRING_HARDENED_NEW_PASSPHRASE": "a brand new passphrase"})
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    done = run_cli("get", "api", "deploy", home=agent, env={})
+    assert done.returncode == 6
+    assert "rekeyed" in done.stderr
+    assert "agent unlock" in done.stderr
+    assert json.loads(run_cli("agent", "status", "--json", home=agent).stdout)["state"] \
+        == "locked"
