@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import agentproto
-from .errors import ConfigError, HardenedError, LockedError, UsageError
+from .errors import ConfigError, DeniedError, HardenedError, LockedError, UsageError
 from .location import Location, validate_actor
 
 __all__ = ["Agent", "Peer", "harden_process", "identify", "program_of"]
@@ -254,6 +254,7 @@ class Agent:
                         "agent-peer")))
                 return
             actor = identify(peer)
+            own = peer.uid == self._uid
             while not self._stop.is_set():
                 conn.settimeout(CONNECTION_IDLE)
                 try:
@@ -262,7 +263,7 @@ class Agent:
                     return  # slow, cut short, too long or not JSON: drop the connection
                 if request is None:
                     return
-                answer = self._answer(request, actor)
+                answer = self._answer(request, actor, own)
                 try:
                     conn.settimeout(READ_TIMEOUT)
                     agentproto.send_frame(conn, answer)
@@ -271,12 +272,13 @@ class Agent:
                 if request.get("op") == "stop" if isinstance(request, dict) else False:
                     return
 
-    def _answer(self, request: Any, actor: str) -> dict[str, Any]:
+    def _answer(self, request: Any, actor: str, own: bool = True) -> dict[str, Any]:
         """One request's answer; never raises (a bug is an internal error answer)."""
         try:
             if not isinstance(request, dict) or request.get("v") != agentproto.VERSION:
                 raise UsageError("unknown protocol version (expected v 1)", "agent-protocol")
-            return {"v": agentproto.VERSION, "ok": True, "result": self._perform(request, actor)}
+            return {"v": agentproto.VERSION, "ok": True,
+                    "result": self._perform(request, actor, own)}
         except HardenedError as exc:
             return _error(exc)
         except Exception as exc:  # noqa: BLE001 - the agent must keep serving
@@ -284,10 +286,13 @@ class Agent:
                 "kind": "internal", "code": 70, "reason": "agent-internal",
                 "message": f"internal error in the agent ({type(exc).__name__})"}}
 
-    def _perform(self, request: dict[str, Any], actor: str) -> Any:
+    def _perform(self, request: dict[str, Any], actor: str, own: bool) -> Any:
         op = request.get("op")
         if op == "ping":
             return "pong"
+        if op in ("status", "lock", "unlock", "stop") and not own:
+            # Users the config allows may ask for credentials, not run the agent.
+            raise DeniedError(f"only the agent's own user may {op} it", "agent-control")
         if op == "status":
             return self.status()
         if op == "lock":

@@ -323,6 +323,12 @@ def test_another_uid_is_refused_unless_allowed(vault: Path, reachable: Path) -> 
                           other_env)
         assert served.returncode == 0, served.stderr
         assert served.stdout == "api-token\n"
+        for control in ("stop", "lock", "status"):  # credentials, not the agent itself
+            tried = as_other([sys.executable, "-m", "keyring_hardened", "agent", control],
+                             other_env)
+            assert tried.returncode == 4, tried.stderr
+            assert "only the agent's own user" in tried.stderr
+        assert run_cli("agent", "status", home=vault, env=env).returncode == 0
     finally:
         run_cli("agent", "stop", home=vault, env=env)
     assert any(a.startswith("nobody:") for a in _actors(vault))
