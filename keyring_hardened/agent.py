@@ -37,8 +37,15 @@ __all__ = ["Agent", "Peer", "harden_process", "identify", "program_of"]
 READ_TIMEOUT = 10.0
 #: Seconds a connection may stay idle between requests.
 CONNECTION_IDLE = 300.0
+#: Connections served at once; more are closed at once (the limit of open files
+#: and threads must not be reachable by holding connections open).
+MAX_CONNECTIONS = 64
 _PEERCRED = struct.Struct("3i")
+#: SO_PEERGROUPS (Linux 4.13): the supplementary groups of the connecting process.
+_SO_PEERGROUPS = 59
 _OPS = ("get", "set", "delete", "rollback", "usernames", "list", "history")
+#: Lock files this process holds for its life (one agent per socket).
+_HELD: list[int] = []
 
 
 class Peer(NamedTuple):
@@ -47,13 +54,20 @@ class Peer(NamedTuple):
     pid: int
     uid: int
     gid: int
+    #: The process's supplementary groups, as it holds them (not /etc/group's list).
+    groups: tuple[int, ...] = ()
 
 
 def peer_of(conn: socket.socket) -> Peer:
-    """The connecting process's pid, uid and gid (``SO_PEERCRED``)."""
+    """The connecting process's pid, uid, gid and groups (``SO_PEERCRED``, ``SO_PEERGROUPS``)."""
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid, uid, gid)
+    try:
+        data = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+        groups = struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4])
+    except OSError:  # an older kernel: only the primary group counts
+        groups = ()
+    return Peer(pid, uid, gid, tuple(groups))
 
 
 def program_of(exe: str, argv: list[str]) -> str:
@@ -70,19 +84,24 @@ def program_of(exe: str, argv: list[str]) -> str:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "-c":
-            return f"{name} -c"
-        if arg == "-m":
-            return args[i + 1] if i + 1 < len(args) else name
-        if arg.startswith("-m") and len(arg) > 2:
-            return arg[2:]
-        if arg in ("-W", "-X", "-Q"):
-            i += 2
-            continue
-        if arg.startswith("-"):
-            i += 1
-            continue
-        return os.path.basename(arg) or name
+        i += 1
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            script = args[i] if arg == "--" and i < len(args) else arg
+            return os.path.basename(script) if script not in ("", "-", "--") else name
+        if arg.startswith("--"):
+            continue  # --version and the like take no value
+        # A cluster of short options, read as Python reads it: "-Ic CODE",
+        # "-cCODE", "-Wdefault", "-mpkg". c and m end the options.
+        for k, flag in enumerate(arg[1:], start=2):
+            if flag == "c":
+                return f"{name} -c"
+            if flag == "m":
+                rest = arg[k:]
+                return rest or (args[i] if i < len(args) else name)
+            if flag in "WX":
+                if not arg[k:]:
+                    i += 1  # the value is the next argument
+                break
     return name
 
 
@@ -134,6 +153,8 @@ class Agent:
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._uid = os.getuid()
+        #: Connections served at once, at most.
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     # -- state ------------------------------------------------------------------------
 
@@ -182,8 +203,16 @@ class Agent:
                 except OSError:
                     if self._stop.is_set():
                         break
-                    raise
-                threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+                    time.sleep(0.1)  # out of descriptors, say: back off, keep serving
+                    continue
+                if not self._slots.acquire(blocking=False):
+                    conn.close()  # at the cap: held connections must not starve the agent
+                    continue
+                try:
+                    threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+                except RuntimeError:  # no thread to be had
+                    self._slots.release()
+                    conn.close()
         finally:
             listener.close()
             with contextlib.suppress(OSError):
@@ -219,9 +248,7 @@ class Agent:
             name = None
         if peer.uid in cfg.agent_allow_users or (name and name in cfg.agent_allow_users):
             return True
-        gids = {peer.gid}
-        if name is not None:
-            gids |= set(os.getgrouplist(name, peer.gid))
+        gids = {peer.gid} | set(peer.groups)
         for group in cfg.agent_allow_groups:
             try:
                 gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
@@ -240,6 +267,12 @@ class Agent:
             return None
 
     def _connection(self, conn: socket.socket) -> None:
+        try:
+            self._serve_one(conn)
+        finally:
+            self._slots.release()
+
+    def _serve_one(self, conn: socket.socket) -> None:
         with conn:
             try:
                 peer = peer_of(conn)
@@ -258,9 +291,9 @@ class Agent:
             while not self._stop.is_set():
                 conn.settimeout(CONNECTION_IDLE)
                 try:
-                    request = agentproto.recv_frame(conn)
-                except (OSError, ValueError, UnicodeDecodeError):
-                    return  # slow, cut short, too long or not JSON: drop the connection
+                    request = agentproto.recv_frame(conn, READ_TIMEOUT)
+                except Exception:  # noqa: BLE001 - any bad frame: drop the connection, quietly
+                    return  # slow, cut short, too long, too deep or not JSON
                 if request is None:
                     return
                 answer = self._answer(request, actor, own)
@@ -275,7 +308,8 @@ class Agent:
     def _answer(self, request: Any, actor: str, own: bool = True) -> dict[str, Any]:
         """One request's answer; never raises (a bug is an internal error answer)."""
         try:
-            if not isinstance(request, dict) or request.get("v") != agentproto.VERSION:
+            version = request.get("v") if isinstance(request, dict) else None
+            if type(version) is not int or version != agentproto.VERSION:
                 raise UsageError("unknown protocol version (expected v 1)", "agent-protocol")
             return {"v": agentproto.VERSION, "ok": True,
                     "result": self._perform(request, actor, own)}
@@ -393,6 +427,19 @@ def bind(path: Path, shared: bool = False) -> socket.socket:
         want = "711" if shared else "700"
         raise ConfigError(f"the agent's socket folder {folder} must be yours and closed to "
                           f"others (chmod {want} {folder})")
+    # One agent per socket: the lock is taken before the probe below and held
+    # for the agent's life, so two starts can never both replace a stale socket.
+    import fcntl
+
+    lock_fd = os.open(path.with_name(path.name + ".lock"),
+                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock_fd)
+        raise UsageError(f"an agent is starting or already serves this vault at {path}",
+                         "agent-running") from None
+    _HELD.append(lock_fd)
     if os.path.lexists(path):
         if not path.is_socket() or path.lstat().st_uid != os.getuid():
             raise ConfigError(f"{path} exists and is not this user's agent socket; remove it")

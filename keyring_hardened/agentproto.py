@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +58,22 @@ def socket_path(location: Location) -> Path:
 
 def send_frame(sock: socket.socket, doc: Any) -> None:
     """Send one frame."""
-    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8",
-                                                                              "surrogatepass")
+    # ASCII escapes: a lone surrogate in a name travels as \ud800 and is refused
+    # by the agent as bad input, as direct mode refuses it, not lost in transit.
+    data = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     if len(data) > MAX_FRAME:
         raise errors.UsageError("the request is too large for the agent")
     sock.sendall(_LEN.pack(len(data)) + data)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes | None:
     chunks, got = [], 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("frame too slow")
+            sock.settimeout(left)
         chunk = sock.recv(min(n - got, 1 << 16))
         if not chunk:
             return None
@@ -75,10 +82,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket) -> Any:
+def recv_frame(sock: socket.socket, body_timeout: float | None = None) -> Any:
     """Receive one frame; None when the peer closed the connection before one began.
 
-    Raises ValueError on a malformed frame (too long, not UTF-8 JSON, cut short).
+    ``body_timeout``: once the length has arrived, the whole rest must
+    arrive within this many seconds (a slow sender is cut off). Raises
+    ValueError on a malformed frame (too long, not UTF-8 JSON, too deep,
+    cut short) and TimeoutError on a slow one.
     """
     head = _recv_exact(sock, _LEN.size)
     if head is None:
@@ -86,10 +96,14 @@ def recv_frame(sock: socket.socket) -> Any:
     (n,) = _LEN.unpack(head)
     if n > MAX_FRAME:
         raise ValueError("frame too long")
-    body = _recv_exact(sock, n)
+    deadline = None if body_timeout is None else time.monotonic() + body_timeout
+    body = _recv_exact(sock, n, deadline)
     if body is None:
         raise ValueError("frame cut short")
-    return json.loads(body.decode("utf-8"))
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError("malformed frame") from exc
 
 
 def raise_error(doc: Any) -> None:
@@ -147,7 +161,8 @@ class AgentStore:
         sock.settimeout(_TIMEOUT)
         try:
             sock.connect(str(self.path))
-        except OSError:
+            _check_server(sock, self.path)
+        except BaseException:
             sock.close()
             raise
         return sock
@@ -231,6 +246,32 @@ class AgentStore:
 _TIMEOUT = 60.0
 
 
+def _check_server(sock: socket.socket, path: Path) -> None:
+    """Refuse an agent this caller has no reason to trust, before sending it anything.
+
+    Secrets go to the agent (set) and come from it (get): whoever answers
+    must be this user, or the owner of both the socket and its folder, a
+    folder nobody else can write (the shared service account's). Anyone who
+    could plant a socket there could otherwise collect and forge secrets.
+    """
+    if not hasattr(socket, "SO_PEERCRED"):  # pragma: no cover - the agent is Linux only
+        raise LockedError("this platform cannot check who answers on the agent socket",
+                          "agent-untrusted")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    if uid == os.getuid():
+        return
+    try:
+        sock_st, folder_st = os.lstat(path), os.stat(path.parent)
+        trusted = sock_st.st_uid == folder_st.st_uid == uid and not folder_st.st_mode & 0o022
+    except OSError:
+        trusted = False
+    if not trusted:
+        raise LockedError(f"the agent at {path} runs as uid {uid}, which owns neither the "
+                          "socket nor a folder closed to others; not trusted (planted?)",
+                          "agent-untrusted")
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -246,6 +287,10 @@ def connect(location: Location, declared: str | None = None) -> AgentStore | Non
     and how to start the agent, since the passphrase is not at hand here.
     """
     path = socket_path(location)
+    if not os.environ.get(ENV_AGENT_SOCK):
+        # <home>/agent.sock is trusted only as far as the home is: the same
+        # checks as direct mode, before anything is sent there.
+        location.check_home()
     try:
         found = path.is_socket()
     except OSError:

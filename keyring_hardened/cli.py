@@ -524,8 +524,12 @@ def cmd_agent_start(args: argparse.Namespace) -> int:
     if args.max_lifetime:
         argv += ["--max-lifetime", args.max_lifetime]
     # This interpreter and this package, no shell: nothing in argv comes from elsewhere.
+    # The passphrase goes through the pipe only: the agent's environment keeps none.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYRING_HARDENED_PASSPHRASE", "KEYRING_HARDENED_NEW_PASSPHRASE")}
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # noqa: S603
-                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                             env=env)
     if child.stdin is None or child.stderr is None:  # pragma: no cover - PIPE always gives both
         raise StorageError("the agent could not be started")
     with contextlib.suppress(BrokenPipeError):
@@ -572,8 +576,12 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
     def opener(passphrase: str | None) -> Any:
         secret, given[0] = passphrase or given[0], None  # the piped one serves once
-        return Store.open(location.home, passphrase=secret,
-                          prompt=_prompt_once if _tty() and not args.detached else None)
+        store = Store.open(location.home, passphrase=secret,
+                           prompt=_prompt_once if _tty() and not args.detached else None)
+        # Once unlocked, nothing in this process unlocks again by itself: after
+        # a lock, an unlock must bring the passphrase (or passphrase_command).
+        os.environ.pop("KEYRING_HARDENED_PASSPHRASE", None)
+        return store
 
     def ready() -> None:
         sys.stderr.write("ready\n")

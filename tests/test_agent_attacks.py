@@ -201,19 +201,14 @@ def _start_shared(vault: Path, sock: Path, config: str,
     ["python3", "-Ic", "import os", "ansible-playbook"],  # -c combined with another flag
     ["python3", "-Ec", "import os"],
 ], ids=["attached-c", "combined-Ic", "combined-Ec"])
-@pytest.mark.xfail(strict=True, reason=(
-    "program_of skips any '-...' word it does not know, so python's own '-cCODE' and '-Ic' "
-    "forms run -c code while the agent names the program after the next argument (a name "
-    "the caller picks, e.g. ansible-playbook). Fix: parse python's short options as python "
-    "does (a cluster of flag letters ending in c or m takes the rest or the next word)"))
 def test_program_of_follows_python_option_clusters(argv: list[str]) -> None:
     assert program_of("/usr/bin/python3.11", argv) == "python3.11 -c"
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "docs/agent.md: 'the actor is user:program, as direct mode derives it'. For python -m "
-    "pkg.mod the agent says 'pkg.mod', direct mode 'mod.py': a policy written for one does "
-    "not match the other. Fix: derive the same name in both (or correct the doc)"))
+    "documented in docs/agent.md: for python -m pkg.mod the agent names the module as given "
+    "(pkg.mod) and direct mode its file (mod.py); the agent cannot tell a package from a "
+    "module without importing the caller's code"))
 def test_agent_and_direct_mode_name_python_dash_m_alike(tmp_path: Path) -> None:
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -276,11 +271,10 @@ def test_limitation_a_script_named_like_a_program_is_judged_as_that_program(
 @pytest.mark.slow
 @needs_root
 @pytest.mark.xfail(strict=True, reason=(
-    "Rate limits keep one bucket per rule and actor, and through the agent the program half "
-    "of the actor is the caller's choice: copies of one script under new names each get a "
-    "full bucket, so 'rate limited' does not hold against same-user code (docs/agent.md "
-    "threat model). Fix: when the agent verified the caller, key the buckets of a rule on the "
-    "verified user (uid) unless the rule's actor globs pin a program"))
+    "documented in docs/agent.md (threat model): the program half of a verified actor is "
+    "the caller's choice of name, so limits and policies that should hold against the same "
+    "user's code must match the user half (actors = [\"alice:*\"]), whose bucket is one; "
+    "keying buckets on the uid is left for a later version"))
 def test_renaming_the_script_does_not_refill_the_rate_limit(keyvault: Path,
                                                             tmp_path: Path) -> None:
     sock = keyvault.parent / "agent.sock"
@@ -346,13 +340,6 @@ def _harvest(fake: subprocess.Popen[str]) -> str:
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "connect() talks to whatever answers at KEYRING_HARDENED_AGENT_SOCK: another user who "
-    "can create that path (a shared /tmp, a folder they own) harvests every secret `set` "
-    "sends and answers `get` with values of their choice. Fix: in connect(), check the "
-    "answering process with SO_PEERCRED on the client side: its uid must be the caller's "
-    "own, or the owner of the socket file and of its folder, and that folder must not be "
-    "writable by anyone else (refuse with exit 6 otherwise)"))
 def test_a_socket_planted_by_another_user_is_not_trusted(
         reachable: Path, keyvault: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     public = reachable / "public"  # a world-writable sticky folder, like /tmp
@@ -377,11 +364,6 @@ def test_a_socket_planted_by_another_user_is_not_trusted(
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "direct mode refuses a vault home others can write (home_problems), but connect() "
-    "trusts an agent socket found in it without that check: another user plants a fake "
-    "agent in the unsafe home and is given the secrets the caller writes. Fix: run "
-    "home_problems(location.home) in connect() before using <home>/agent.sock"))
 def test_an_unsafe_home_is_refused_before_its_socket_is_trusted(keyvault: Path) -> None:
     os.chmod(keyvault, 0o777)  # direct mode would refuse this home
     with pytest.raises(ConfigError):
@@ -431,12 +413,6 @@ def test_agent_start_refuses_what_was_planted_at_its_socket(keyvault: Path, reac
     _stop(keyvault, env)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bind() replaces a stale socket by lexists/probe/unlink/bind with no lock: a second "
-    "`agent start` racing the first can unlink the first agent's live socket and bind its "
-    "own, leaving an orphan agent that holds the keys but that nobody can reach or stop "
-    "(and whose exit later unlinks the survivor's socket). Fix: hold an exclusive "
-    "flock on <socket>.lock from before the probe for the agent's whole life"))
 def test_two_starts_racing_over_a_stale_socket_leave_one_agent(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "run"
@@ -472,12 +448,6 @@ def test_two_starts_racing_over_a_stale_socket_leave_one_agent(
 @needs_root
 @pytest.mark.slow
 @pytest.mark.parametrize("op", ["lock", "stop", "unlock"])
-@pytest.mark.xfail(strict=True, reason=(
-    "_perform serves lock, unlock and stop to every allowed peer: in the shared-service-"
-    "account deployment any application user can stop the service's agent, lock it (and "
-    "then spend the unlock throttle with wrong passphrases), or unlock what the operator "
-    "locked. Fix: serve lock/unlock/stop only to peers whose uid is the agent's own "
-    "(refuse others with exit 4)"))
 def test_an_allowed_other_user_cannot_stop_lock_or_unlock_the_agent(
         keyvault: Path, reachable: Path, op: str) -> None:
     sock = reachable / "agent.sock"
@@ -525,11 +495,6 @@ def test_an_allowed_primary_group_is_served_and_others_are_refused(keyvault: Pat
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/agent.md: 'agent_allow_groups ... (supplementary groups count)'. The agent takes "
-    "the groups from /etc/group (os.getgrouplist), not from the caller's process: a caller "
-    "that holds the group as a supplementary group (setgroups) is refused. Fix: read the "
-    "peer's real groups with getsockopt(SOL_SOCKET, SO_PEERGROUPS=59) at connect time"))
 def test_a_supplementary_group_of_the_calling_process_counts(keyvault: Path,
                                                              reachable: Path) -> None:
     sock = reachable / "agent.sock"
@@ -556,11 +521,6 @@ def _member_of_some_group() -> tuple[pwd.struct_passwd, grp.struct_group] | None
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "A caller that dropped its supplementary groups (setgroups([]), as sandboxes and "
-    "privilege-dropping services do) is still served as a member of the groups /etc/group "
-    "lists for its user. Fix: SO_PEERGROUPS (the process's groups at connect), not "
-    "os.getgrouplist"))
 def test_a_caller_that_dropped_the_group_is_not_served(keyvault: Path,
                                                        reachable: Path) -> None:
     found = _member_of_some_group()
@@ -584,12 +544,6 @@ def test_a_caller_that_dropped_the_group_is_not_served(keyvault: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/agent.md: 'a started frame must arrive within 10 s'. _connection sets "
-    "CONNECTION_IDLE (300 s) for the whole recv_frame and READ_TIMEOUT only for sending, "
-    "and the timeout is per recv() call, so a frame trickling one byte per 299 s holds its "
-    "thread forever. Fix: after the 4-byte header, read the body against a deadline of "
-    "READ_TIMEOUT for the whole frame"))
 def test_a_started_frame_must_arrive_within_ten_seconds(shared_agent: Path) -> None:
     body = json.dumps({"v": 1, "op": "ping"}).encode()
     sock = socket.socket(socket.AF_UNIX)
@@ -611,13 +565,6 @@ def test_a_started_frame_must_arrive_within_ten_seconds(shared_agent: Path) -> N
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "One thread and one descriptor per connection, with no cap: an allowed caller holding "
-    "idle connections (each may idle 300 s) makes accept() fail with EMFILE (the default "
-    "soft RLIMIT_NOFILE is 1024), or Thread.start() fail, and serve() re-raises: the agent "
-    "exits. Any allowed other uid can stop a shared agent this way. Fix: cap connections "
-    "(a semaphore, per uid and in all), and on EMFILE/ENFILE/RuntimeError in the accept "
-    "loop drop the new connection, back off and keep serving"))
 def test_holding_many_connections_does_not_kill_the_agent(keyvault: Path,
                                                           reachable: Path) -> None:
     os.chmod(reachable, 0o700)
@@ -698,13 +645,6 @@ def test_wrong_types_are_usage_errors_and_never_show_a_secret(shared_agent: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "AGENT-9 ('the same kind and exit code as in direct mode'): a name with a lone "
-    "surrogate (e.g. from argv bytes that are not UTF-8) is a UsageError (exit 2) in direct "
-    "mode; the client encodes it with surrogatepass, the agent cannot decode the frame and "
-    "drops the connection, and the caller is told the agent 'did not answer; is it "
-    "running?' (exit 6). Fix: send_frame with ensure_ascii=True (the agent then parses "
-    "\\udXXX and the store rejects it as direct mode does)"))
 def test_a_lone_surrogate_is_the_usage_error_of_direct_mode(shared_agent: Path) -> None:
     store = AgentStore(shared_agent / "agent.sock", Location.resolve(shared_agent))
     try:
@@ -774,11 +714,6 @@ def test_the_foreground_agents_stderr_never_shows_a_secret(passvault: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "A deeply nested JSON frame makes json.loads raise RecursionError, which _connection "
-    "does not catch: the thread dies with a traceback on the agent's stderr (the journal "
-    "under systemd), once per such frame from any caller. Fix: catch RecursionError "
-    "(or any Exception) around recv_frame and drop the connection quietly"))
 def test_a_deeply_nested_frame_prints_no_traceback(passvault: Path) -> None:
     agent = _foreground(passvault)
     try:
@@ -836,14 +771,6 @@ def test_wrong_agent_unlocks_count_in_the_unlock_throttle(passvault: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "`agent start` pipes the passphrase to the agent but also leaves "
-    "KEYRING_HARDENED_PASSPHRASE in its environment; the agent keeps it for life, so "
-    "`agent lock` wipes the keys but not the passphrase that derives them, and an unlock "
-    "request carrying no passphrase (from any allowed caller) unlocks again. Fix: start "
-    "the agent with the variable removed from its env (and drop it from os.environ in "
-    "agent run after reading it); refuse a passphrase-less unlock of a passphrase vault "
-    "unless passphrase_command is configured"))
 def test_lock_leaves_nothing_that_unlocks_without_the_passphrase(passvault: Path) -> None:
     started = _kh(passvault, "agent", "start", env={"KEYRING_HARDENED_PASSPHRASE": PASSPHRASE})
     assert started.returncode == 0, started.stderr
