@@ -19,6 +19,7 @@ and the Ansible plugins call before opening the vault themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -179,7 +180,10 @@ class AgentStore:
                 try:
                     if self._sock is None:
                         self._sock = self._connect()
-                    send_frame(self._sock, doc)
+                    # An agent that refuses a caller says why and closes at once, maybe
+                    # before this request went out: its answer may be waiting all the same.
+                    with contextlib.suppress(OSError):
+                        send_frame(self._sock, doc)
                     answer = recv_frame(self._sock)
                     if answer is None:
                         raise ConnectionResetError("the agent closed the connection")
@@ -307,7 +311,11 @@ def connect(location: Location, declared: str | None = None) -> AgentStore | Non
     except LockedError as exc:
         if exc.reason != "agent-down":
             raise  # a locked agent answers: its refusal is the answer
-        if location.key_file.exists():
+        try:
+            key_file_mode = location.key_file.exists()
+        except OSError:  # not ours to read: not a vault this process could open itself
+            key_file_mode = False
+        if key_file_mode:
             return None  # key-file mode: this process can unlock the vault itself
         raise LockedError(f"the agent at {path} is not running; start it: keyring-hardened "
                           "agent start", "agent-down") from None
