@@ -44,8 +44,8 @@ _PEERCRED = struct.Struct("3i")
 #: SO_PEERGROUPS (Linux 4.13): the supplementary groups of the connecting process.
 _SO_PEERGROUPS = 59
 _OPS = ("get", "set", "delete", "rollback", "usernames", "list", "history")
-#: Lock files this process holds for its life (one agent per socket).
-_HELD: list[int] = []
+#: Lock files this process holds while it serves, by socket path (one agent per socket).
+_HELD: dict[str, int] = {}
 
 
 class Peer(NamedTuple):
@@ -218,6 +218,9 @@ class Agent:
             with contextlib.suppress(OSError):
                 if self.path.is_socket():
                     self.path.unlink()
+            held = _HELD.pop(str(self.path), None)
+            if held is not None:
+                os.close(held)  # the place is free for the next start
             self.lock()
 
     def stop(self) -> None:
@@ -439,28 +442,33 @@ def bind(path: Path, shared: bool = False) -> socket.socket:
         os.close(lock_fd)
         raise UsageError(f"an agent is starting or already serves this vault at {path}",
                          "agent-running") from None
-    _HELD.append(lock_fd)
-    if os.path.lexists(path):
-        if not path.is_socket() or path.lstat().st_uid != os.getuid():
-            raise ConfigError(f"{path} exists and is not this user's agent socket; remove it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(2.0)
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: left by an agent that was killed
-        else:
-            raise UsageError(f"an agent already serves this vault at {path}; stop it first "
-                             "(keyring-hardened agent stop)", "agent-running")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket is made 0600 at bind, never wider for a moment
     try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o666 if shared else 0o600)
+        if os.path.lexists(path):
+            if not path.is_socket() or path.lstat().st_uid != os.getuid():
+                raise ConfigError(f"{path} exists and is not this user's agent socket; "
+                                  "remove it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(2.0)
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale: left by an agent that was killed
+            else:
+                raise UsageError(f"an agent already serves this vault at {path}; stop it first "
+                                 "(keyring-hardened agent stop)", "agent-running")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is made 0600 at bind, never wider for a moment
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o666 if shared else 0o600)
+    except BaseException:
+        os.close(lock_fd)  # a start that failed leaves the place free for the next
+        raise
+    _HELD[str(path)] = lock_fd
     listener.listen(64)
     listener.settimeout(1.0)
     return listener
