@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: all demo test lint bench mutate ci clean
+.PHONY: all demo test lint bench bench-access bench-moving mutate ci clean
 
 all: test
 
@@ -62,6 +62,15 @@ lint: $(VENV)/.installed-test
 
 bench: $(BENCH_VENV)/.installed
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python run.py --out results/latest.md $(BENCH_ARGS)
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python access.py $(BENCH_ACCESS_ARGS)
+
+# Access control alone: the audited get with 20 policies and 10 limits beside none, 8 readers
+bench-access: $(BENCH_VENV)/.installed
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python access.py $(BENCH_ACCESS_ARGS)
+
+# Import and online backup (issue 14); BENCH_MOVING_ARGS="--entries 10000 --credentials 100000"
+bench-moving: $(BENCH_VENV)/.installed
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python moving.py $(BENCH_MOVING_ARGS)
 
 # make mutate                         every module (cached: a rerun tests what changed)
 # make mutate MUTATE_ARGS="envelope"  some modules; --report-only prints the last report

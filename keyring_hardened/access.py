@@ -46,7 +46,9 @@ __all__ = [
     "check_all",
     "decide",
     "limits_for",
+    "limits_of",
     "parse_access",
+    "policies_for",
     "take",
     "throttle_check",
     "throttle_delay",
@@ -67,9 +69,9 @@ BucketKey = tuple[int, str]
 #: token arithmetic lose its fractions.
 _MAX_COUNT = 1_000_000_000
 _EXPECTED_OPS = "read, write, delete, list or admin"
-# Only a token of this shape is quoted back in a message: an operation name
-# or a short glob. Anything else (a pasted password, say) is never echoed.
-_ECHO = re.compile(r"[a-z*?\[\]!-]{1,12}")
+# Only a near-miss of an operation name ("raed") is quoted back in a message;
+# anything else (a pasted password, say) is never echoed.
+_ECHO = re.compile(r"[a-z]{1,8}")
 _BARE_KEY = re.compile(r"[a-z_]{1,16}")
 
 
@@ -298,7 +300,7 @@ def _op_list(key: str, table: dict[str, Any], name: str, problems: list[str],
         problem = _glob_problem(token)
         named = {op for op in OPERATIONS if fnmatchcase(op, token)} if not problem else set()
         if not named:
-            shown = f' "{token}"' if _ECHO.fullmatch(token) else ""
+            shown = f' "{token}"' if _near_operation(token) else ""
             problems.append(f"{where}: unknown operation{shown} (expected {_EXPECTED_OPS})")
         ops |= named
     return frozenset(ops)
@@ -319,6 +321,15 @@ def _count(key: str, table: dict[str, Any], name: str, problems: list[str]) -> i
     return value
 
 
+def _near_operation(token: str) -> bool:
+    """Whether ``token`` is a short misspelling of an operation name (safe to quote back)."""
+    if not _ECHO.fullmatch(token):
+        return False
+    import difflib  # only on a config error
+
+    return bool(difflib.get_close_matches(token, OPERATIONS, n=1, cutoff=0.7))
+
+
 def _glob_problem(glob: str) -> str | None:
     """Why fnmatch would not read ``glob`` as its author meant, or None.
 
@@ -336,6 +347,10 @@ def _glob_problem(glob: str) -> str | None:
             j += 1
         if j < n and glob[j] == "]":  # a leading ] is a literal member
             j += 1
+        if glob.startswith("[^", i):
+            # fnmatch takes ^ literally, where shells and regexes negate: a
+            # rule would match the opposite of what it seems to say.
+            return 'a "[^" set in glob: fnmatch reads ^ literally (write "[!...]" to negate)'
         end = glob.find("]", j)
         if end < 0:
             return 'unbalanced "[" in glob (write "[[]" to match a literal "[")'
@@ -356,17 +371,21 @@ def _kind(value: Any) -> str:
 
 
 def decide(policies: Sequence[Policy], default: Default, identity: Identity, op: str,
-           service: str) -> Decision:
+           service: str, *, for_actor: Sequence[int] | None = None) -> Decision:
     """Whether ``identity`` may perform ``op`` on ``service``, and which rule said so.
 
     Among the rules whose actor and service globs match, the first that
     denies ``op`` decides (deny wins wherever it sits); else the first that
     allows it; else ``default``. ``op`` must be one of :data:`OPERATIONS`:
     anything else is a programming error (ValueError), not a denial.
+    ``for_actor``, if given, is :func:`policies_for` of this actor: the same
+    answer, without matching the actor's globs again.
     """
     if op not in OPERATIONS:
         raise ValueError("op must be one of read, write, delete, list, admin")
-    matched = tuple(i for i, p in enumerate(policies) if p.matches(identity.actor, service))
+    if for_actor is None:
+        for_actor = policies_for(policies, identity.actor)
+    matched = tuple(i for i in for_actor if _any(policies[i].services, service))
     for verb, allowed in (("denies", False), ("allows", True)):
         for i in matched:
             rule = policies[i]
@@ -378,15 +397,31 @@ def decide(policies: Sequence[Policy], default: Default, identity: Identity, op:
     return Decision(default == "allow", None, f"{what}; default_policy is {default}", matched)
 
 
+def policies_for(policies: Sequence[Policy], actor: str) -> tuple[int, ...]:
+    """The indices of the rules whose actor globs match ``actor``, in order."""
+    return tuple(i for i, p in enumerate(policies) if _any(p.actors, actor))
+
+
 # --- rate limits ---------------------------------------------------------------------
 
 
 def limits_for(limits: Sequence[RateLimit], actor: str, op: str,
-               service: str) -> tuple[LimitMatch, ...]:
-    """Every rate limit that applies to the request; all of them must pass."""
-    return tuple(LimitMatch((i, actor), rule) for i, rule in enumerate(limits)
-                 if op in rule.operations and _any(rule.actors, actor)
-                 and _any(rule.services, service))
+               service: str, *, for_actor: Sequence[int] | None = None
+               ) -> tuple[LimitMatch, ...]:
+    """Every rate limit that applies to the request; all of them must pass.
+
+    ``for_actor``, if given, is :func:`limits_of` this actor and operation.
+    """
+    if for_actor is None:
+        for_actor = limits_of(limits, actor, op)
+    return tuple(LimitMatch((i, actor), limits[i]) for i in for_actor
+                 if _any(limits[i].services, service))
+
+
+def limits_of(limits: Sequence[RateLimit], actor: str, op: str) -> tuple[int, ...]:
+    """The indices of the limits for ``op`` whose actor globs match ``actor``."""
+    return tuple(i for i, rule in enumerate(limits)
+                 if op in rule.operations and _any(rule.actors, actor))
 
 
 def tokens_now(state: Bucket | None, rule: RateLimit, now: float) -> Bucket:
@@ -449,14 +484,15 @@ MAX_UNLOCK_DELAY = 900.0
 def throttle_delay(failures: int) -> float:
     """Seconds to wait after ``failures`` consecutive failed unlocks.
 
-    None for up to 5 failures; then 1 s, doubling with each further failure,
-    up to 15 minutes (0, ..., 0, 1, 2, 4, ..., 512, 900, 900, ...).
+    The first five attempts are free. After the fifth failure each further
+    attempt waits 1 s, doubling with each failure, up to 15 minutes
+    (failures 0-4: none; 5: 1 s; 6: 2 s; ...; 14: 512 s; 15 and more: 900 s).
     """
     extra = failures - FREE_FAILURES
-    if extra <= 0:
+    if extra < 0:
         return 0.0
     # Cap the exponent before raising: a huge stored count must not build a huge int.
-    return min(MAX_UNLOCK_DELAY, float(2 ** min(extra - 1, 10)))
+    return min(MAX_UNLOCK_DELAY, float(2 ** min(extra, 10)))
 
 
 def throttle_check(failures: int, last_failure_at: float, now: float) -> tuple[bool, float]:

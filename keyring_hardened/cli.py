@@ -379,6 +379,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")
     print(f"audit events: {info['audit_events']}")
+    if info["sealed"] is not None:
+        print(f"sealed: since {_stamp(info['sealed']['since'])} by "
+              f"{_shown(info['sealed']['by'])}; credential requests are refused until "
+              f"{PROG} unseal")
+    else:
+        print("sealed: no")
+    if info.get("last_restore"):
+        r = info["last_restore"]
+        print(f"restored: {_stamp(r['at'])} by {_shown(r['by'])} (event {r['event']}: "
+              f"{_shown(r['reason'] or '')})")
     for k in info["keys"]:
         print(f"key version {k['version']}: {k['state']}, created {_stamp(k['created_at'])}, "
               f"{k['versions']} versions, {k['wrap_count']} wraps")
@@ -409,6 +419,61 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print(f"config file {config.path}: OK")
     return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Seal the vault: refuse every credential request until unseal (emergency stop)."""
+    with _open(args) as store:
+        store.seal()
+    sys.stderr.write(f"{PROG}: sealed: every credential request is refused (exit 6) until "
+                     f"{PROG} unseal\n")
+    return 0
+
+
+def cmd_unseal(args: argparse.Namespace) -> int:
+    """Lift the seal, after proving the root key (the key file, or the passphrase) again."""
+    from pathlib import Path
+
+    key_file = Path(args.key_file) if args.key_file else None
+    with _open(args) as store:
+        store.unseal(prompt=_prompt_once if _tty() else None, key_file=key_file)
+    sys.stderr.write(f"{PROG}: unsealed\n")
+    return 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    """Explain what access control would do with a request (exit 0 allowed, 4, 5, 6)."""
+    from .location import default_actor
+
+    with _open(args) as store:
+        found = store.explain(args.actor if args.actor is not None else default_actor(),
+                              args.op, args.service)
+    code = (6 if found.sealed else 4 if not found.allowed else 5 if found.limited else 0)
+    verdict = {0: "allowed", 4: "denied", 5: "rate limited now", 6: "sealed"}[code]
+    if args.json:
+        print(_json({"actor": found.actor, "op": found.op, "service": found.service,
+                     "decision": "allow" if found.allowed else "deny", "reason": found.reason,
+                     "result": verdict, "configured": not found.unconfigured,
+                     "sealed": found.seal is not None,
+                     "limits": [{"rule": lim.rule, "tokens": round(lim.tokens, 3),
+                                 "retry_after": round(lim.retry_after, 3)}
+                                for lim in found.limits]}))
+        return code
+    target = "the whole vault" if found.service is None else f"service {_shown(found.service)}"
+    print(f"request: actor {_shown(found.actor)}, {found.op} {target}")
+    if found.unconfigured:
+        print("policy: none configured (default_policy allow)")
+    print(f"decision: {'allow' if found.allowed else 'deny'}: {_one_line(found.reason)}")
+    if not found.limits:
+        print("rate limits: none apply")
+    for lim in found.limits:
+        wait = f"; next token in {lim.retry_after:.1f} s" if lim.retry_after else ""
+        print(f"rate limit: {_one_line(lim.rule)}: {lim.tokens:.2f} tokens now{wait}")
+    if found.seal is not None:
+        print(f"note: the vault is sealed (since {_stamp(found.seal[0])}); every credential "
+              "request is refused until unseal")
+    print(f"result: {verdict}")
+    return code
 
 
 #: A checkpoint is one short JSON line.
@@ -607,6 +672,130 @@ def cmd_key_rekey(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- moving in and keeping a copy (issue 14) ----------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import credentials from another keyring backend, each read back before it counts."""
+    from pathlib import Path
+
+    from . import moving
+    from .location import Location
+
+    kr = moving.current_backend() if args.from_current else moving.load_backend(args.source)
+    name = args.source or moving._class_path(kr)
+    entries = moving.read_entries(Path(args.entries)) if args.entries else \
+        moving.list_entries(kr)
+    bar: Any = None
+    progress = None
+    if sys.stderr.isatty() and entries:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the test extra
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=len(entries), unit="entry", desc="import", file=sys.stderr)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+    existed = os.path.lexists(Location.resolve(args.home).database)
+    try:
+        # Like a first set, a first import makes a key-file vault (never a dry run).
+        with _open(args, create=not args.dry_run) as store:
+            if not existed:
+                sys.stderr.write(f"{PROG}: created a new key-file vault at "
+                                 f"{store.location.home}; back up {store.location.key_file}: "
+                                 "without it the vault cannot be opened\n")
+            report = moving.import_entries(store, kr, entries, source=name, update=args.update,
+                                           dry_run=args.dry_run,
+                                           delete_source=args.delete_source,
+                                           progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        sys.stdout.write(_json(report.to_json()) + "\n")
+    else:
+        for r in report.results:
+            who = f"service {_shown(r.service)}, user {_shown(r.username)}"
+            if args.dry_run:
+                sys.stdout.write(f"{r.outcome}: {who}" + (f": {_one_line(r.detail)}"
+                                                          if r.detail else "") + "\n")
+            elif r.outcome == "failed" or r.source == "delete-failed":
+                sys.stderr.write(f"{PROG}: {r.outcome if r.outcome == 'failed' else 'source'}: "
+                                 f"{who}: {_one_line(r.detail or '')}\n")
+            elif r.outcome == "skipped":
+                sys.stderr.write(f"skipped: {who}: {r.detail}\n")
+        c = report.counts()
+        would = "would be " if args.dry_run else ""
+        sys.stderr.write(f"{would}imported {c['imported']}, {would}updated {c['updated']}, "
+                         f"{would}skipped {c['skipped']}, failed {c['failed']}"
+                         + (f"; deleted from the source {c['source_deleted']}"
+                            if args.delete_source else "") + f" (from {_one_line(name)})\n")
+    return _import_exit(report)
+
+
+def _import_exit(report: Any) -> int:
+    """0 when nothing failed; else the code of the first failed entry's class."""
+    for r in report.results:
+        if r.outcome == "failed" or r.source == "delete-failed":
+            return int(r.code)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Write a verified online copy of the vault (still encrypted) to PATH, 0600."""
+    from . import backup
+
+    target = _out_path(args.path, "backup")
+    with _open(args) as store:
+        report = backup.backup(store, target)
+    if args.json:
+        sys.stdout.write(_json(report.to_json()) + "\n")
+        return 0
+    keep = (f"the key file {report.key_file}" if report.key_file
+            else "the passphrase")
+    print(f"backup written to {_one_line(report.path)} ({report.bytes:,} bytes, mode 0600), "
+          "verified")
+    print(f"vault id: {report.vault_id}")
+    print(f"credentials: {report.credentials} live, {report.deleted} deleted, "
+          f"{report.versions} versions")
+    print(f"audit events: {report.audit_events}, head event {report.head_seq} "
+          f"(mac {report.head_mac[:16]}...)")
+    print(f"the copy is useless without the root key: keep {keep} apart from it, never in the "
+          "same place or the same backup set")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Replace the vault with a verified backup copy; the replaced vault is kept beside it."""
+    from pathlib import Path
+
+    from . import backup
+
+    report = backup.restore(Path(args.path), args.home,
+                            key_file=Path(args.key_file) if args.key_file else None,
+                            allow_rollback=args.allow_rollback, force=args.force,
+                            prompt=_prompt_once if _tty() else None)
+    if args.json:
+        sys.stdout.write(_json(report.to_json()) + "\n")
+    else:
+        print(f"restored {_one_line(report.path)}: vault id {report.vault_id}, "
+              f"{report.credentials} credentials, head event {report.head_seq}")
+        if report.replaced:
+            print(f"the replaced vault is kept as {_one_line(report.replaced)}")
+    if report.rollback:
+        sys.stderr.write(f"{PROG}: warning: this restore rolled the vault back: events after "
+                         f"{report.head_seq - 1} up to {report.replaced_head_seq} are undone "
+                         f"(they remain in {report.replaced})\n")
+    if report.foreign:
+        sys.stderr.write(f"{PROG}: warning: the vault was replaced by a copy of another vault "
+                         f"({report.vault_id})\n")
+    for note in [*report.notes, *([report.key_file_note] if report.key_file_note else [])]:
+        sys.stderr.write(f"{PROG}: note: {_one_line(note)}\n")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------
 
 
@@ -667,6 +856,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    add("seal", cmd_seal)
+    p = add("unseal", cmd_unseal)
+    p.add_argument("--key-file", metavar="PATH",
+                   help="prove the root key with this key file (default: the vault's own)")
+    policy = sub.add_parser("policy", help="access policy commands", parents=[common],
+                            description="Access policies and rate limits.")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    doc = (cmd_policy_test.__doc__ or "").split("\n")[0]
+    p = policy_sub.add_parser("test", help="explain a request's decision", description=doc,
+                              parents=[common])
+    p.add_argument("--actor", metavar="A", help="the actor (default: this process's own)")
+    p.add_argument("--service", metavar="S",
+                   help="the service (leave out for admin, or list of the whole vault)")
+    p.add_argument("--op", required=True, choices=["read", "write", "delete", "list", "admin"])
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_policy_test)
 
     keys = sub.add_parser("key", help="key management commands", parents=[common],
                           description="Key management: list, rotate, rewrap, retire, rekey.")
@@ -733,6 +939,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_sub.add_parser("check", help="validate the config file", description=doc,
                               parents=[common])
     p.set_defaults(func=cmd_config_check)
+
+    # Moving in and keeping a copy (issue 14).
+    p = add("import", cmd_import)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", metavar="BACKEND",
+                        help="a keyring backend: class path (as keyring -b takes) or "
+                             "entry-point name")
+    source.add_argument("--from-current", action="store_true",
+                        help="the backend keyring would use if this one were not installed")
+    p.add_argument("--entries", metavar="FILE",
+                   help="the entries to import: service<TAB>username lines or a JSON list "
+                        "(needed when the source cannot be listed)")
+    p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
+    p.add_argument("--update", action="store_true",
+                   help="an existing credential gets the imported value as a new version "
+                        "(default: skipped)")
+    p.add_argument("--delete-source", action="store_true",
+                   help="delete each entry from the source once its copy reads back equal")
+    p.add_argument("--json", action="store_true", help="a JSON report on stdout")
+    p = add("backup", cmd_backup, "path")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p = add("restore", cmd_restore, "path")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file that opens the copy (default: the vault's)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="restore a copy older than the vault (events since are undone)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the vault with a copy of another vault, or a vault that "
+                        "cannot be read")
+    p.add_argument("--json", action="store_true", help="JSON output")
     return parser
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConfigError, UsageError
 from .rootkey import (
@@ -21,6 +21,9 @@ from .rootkey import (
     PBKDF2_DEFAULT_ITERATIONS,
     KdfParams,
 )
+
+if TYPE_CHECKING:
+    from .access import AccessConfig
 
 __all__ = ["Config", "load_config", "parse_duration"]
 
@@ -173,12 +176,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
 }
 
-#: Sections of the design that this version does not enforce yet. Accepting
-#: them silently would let an operator believe a deny rule protects a secret.
-_NOT_YET = {
-    "policies": "access policies are not supported by this version",
-    "rate_limits": "rate limits are not supported by this version",
-}
+#: The top-level keys access.py validates (access.ACCESS_KEYS, restated so
+#: that a config without any of them never imports the policy code).
+_ACCESS_KEYS = ("default_policy", "policies", "rate_limits")
 
 
 class Config(NamedTuple):
@@ -200,6 +200,8 @@ class Config(NamedTuple):
     audit_sinks: tuple[str, ...] = ()
     audit_hmac_identifiers: bool = False
     audit_keep: float | None = None
+    #: Policies and rate limits; None when the file sets none (everything allowed).
+    access: AccessConfig | None = None
 
     def new_kdf_params(self, algorithm: str | None = None) -> KdfParams:
         """Fresh passphrase KDF parameters (new salt) from these settings."""
@@ -231,10 +233,17 @@ def _validate(doc: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         except ConfigError as exc:
             problems.append(str(exc))
 
+    if any(key in doc for key in _ACCESS_KEYS):
+        from .access import parse_access
+
+        access, found = parse_access(doc)
+        problems.extend(found)
+        if access is not None:
+            values["access"] = access
     for key, value in doc.items():
-        if key in _NOT_YET:
-            problems.append(f"{key}: {_NOT_YET[key]}")
-        elif key in SCHEMA and key:
+        if key in _ACCESS_KEYS:
+            continue
+        if key in SCHEMA and key:
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a table ([{key}]), got {_type(value)}")
                 continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import os
 import struct
 import threading
@@ -25,9 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
 
-from . import audit, envelope, state
+from . import audit, envelope, gate, state
 from ._seams import crash_point
 from .config import Config, load_config
 from .envelope import DecryptFailed, Kek, Place, Sealed
@@ -49,7 +50,15 @@ from .rootkey import (
     derive_from_passphrase,
     read_key_file,
 )
-from .storage import HeadRow, KekRecord, SQLiteStorage, VaultMissingError, VaultRecord, VersionRow
+from .storage import (
+    BucketRow,
+    HeadRow,
+    KekRecord,
+    SQLiteStorage,
+    VaultMissingError,
+    VaultRecord,
+    VersionRow,
+)
 
 if TYPE_CHECKING:
     from .keys import KeyManager
@@ -113,6 +122,10 @@ class Meta(NamedTuple):
     keks: list[KekRecord]
     past_keys: list[tuple[int, bytes]]
     anchor: tuple[int, bytes]
+    #: (since, by whom) when sealed.
+    seal: tuple[float, str] | None = None
+    #: Rate-limit buckets short of tokens, in (rule, actor) order.
+    buckets: list[BucketRow] = []  # noqa: RUF012 - a NamedTuple default, never mutated
 
     @property
     def active(self) -> KekRecord:
@@ -181,6 +194,15 @@ def _source(cfg: Config, passphrase: str | None,
     return get
 
 
+#: Failed unlocks that are guesses, and count in the unlock throttle. A missing
+#: key file or passphrase is a setup problem, not a guess.
+_GUESSES = frozenset({"wrong-key", "wrong-passphrase"})
+#: An attempt older than this (seconds) was cut off (kill -9) and no longer counts as running.
+_ATTEMPT_STALE = 120.0
+#: How long an attempt waits for others running side by side (seconds, real time).
+_BUSY_WAIT = 30.0
+
+
 def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
                     exc: HardenedError) -> None:
     """Keep a failed unlock for the trail; it is chained at the next good unlock."""
@@ -188,6 +210,76 @@ def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
     # must still answer with the real reason, not a storage error.
     with contextlib.suppress(HardenedError):
         storage.add_pending(int(clock() * 1_000_000), actor, "unlock", exc.kind, exc.reason)
+
+
+class _Attempt:
+    """One unlock attempt as the throttle counts it; end it with exactly one outcome."""
+
+    def __init__(self, storage: SQLiteStorage, clock: Clock, attempt: int | None,
+                 failures: int) -> None:
+        self._storage, self._clock = storage, clock
+        self._attempt, self._failures = attempt, failures
+
+    def ended(self, exc: BaseException | None) -> None:
+        """Count the outcome: a correct key resets, a wrong one adds one, else nothing."""
+        if exc is None:
+            outcome = "ok" if self._failures or self._attempt is not None else ""
+        else:
+            outcome = "guess" if isinstance(exc, LockedError) and exc.reason in _GUESSES \
+                else "other"
+        if outcome or self._attempt is not None:
+            # A vault we cannot write must still answer with the real outcome.
+            with contextlib.suppress(HardenedError):
+                self._storage.end_unlock_attempt(self._attempt, outcome, self._clock())
+
+
+def _throttle(storage: SQLiteStorage, clock: Clock, claim: bool) -> _Attempt:
+    """Refuse an unlock attempt while the failed-unlock backoff runs; else start one.
+
+    ``claim`` (passphrase vaults): the attempt is recorded as running before
+    the KDF runs, and running attempts count against the free ones, so
+    guesses made side by side get no more than guesses made one by one; an
+    attempt that finds the free ones taken by running attempts waits for
+    them (up to 30 s), since they may well be correct. Past the free
+    attempts, one attempt runs per wait. Key-file vaults (a key file cannot
+    be guessed) count wrong keys after the fact, without a write when there
+    are none. The common case (no failures, key file) reads one row.
+    """
+    from .access import FREE_FAILURES, throttle_check
+
+    failures, _ = storage.unlock_throttle()
+    if not claim and failures < FREE_FAILURES:
+        return _Attempt(storage, clock, None, failures)
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        attempt: int | None = None
+        running = 0
+        with storage.transaction():
+            failures, last_at = storage.unlock_throttle()
+            now = clock()
+            if last_at > now:
+                # Dated in the future (a clock set back, or an edit): the wait
+                # counts from now, so it ends, at most one full delay away.
+                last_at = now
+                storage.set_unlock_throttle(failures, now)
+            allowed, wait = throttle_check(failures, last_at, now)
+            if allowed and claim:
+                running = storage.unlock_attempts(now - _ATTEMPT_STALE)
+                if running < (FREE_FAILURES - failures if failures < FREE_FAILURES else 1):
+                    attempt = storage.start_unlock_attempt(now)
+                    if failures >= FREE_FAILURES:
+                        storage.set_unlock_throttle(failures, now)  # the wait restarts
+            elif allowed and failures >= FREE_FAILURES:
+                storage.set_unlock_throttle(failures, now)
+        if not allowed:
+            raise LockedError(f"unlocking is paused after {failures} failed attempts in a "
+                              f"row; try again in {math.ceil(wait)} s", "unlock-throttled")
+        if not claim or attempt is not None:
+            return _Attempt(storage, clock, attempt, failures)
+        if time.monotonic() > deadline:
+            raise LockedError(f"unlocking is busy: {running} attempts are running; try again",
+                              "unlock-busy")
+        time.sleep(0.05)
 
 
 def _key_file_root(location: Location, vault: VaultRecord) -> RootKey:
@@ -237,9 +329,13 @@ def _version_digest(row: VersionRow) -> bytes:
 
 def _meta_digest(meta: Meta) -> bytes:
     v = meta.vault
+    # The seal and the buckets ride in the vault leaf's extra field, absent
+    # (and the digest as before) while there are none.
+    access = state.access_digest(meta.seal, meta.buckets) if meta.seal is not None \
+        or meta.buckets else None
     return state.meta_digest(
         state.vault_leaf(v.vault_id, v.created_at, v.kdf, v.verifier, v.vault_key,
-                         v.generation, v.state_version),
+                         v.generation, v.state_version, access),
         [state.kek_leaf(*k) for k in meta.keks], meta.past_keys, *meta.anchor)
 
 
@@ -286,6 +382,11 @@ class Session:
         self._wrote: audit.Event | None = None
         #: Events chained inside an operation (automatic rotation) to mirror after commit.
         self._pending_emit: list[audit.Event] = []
+        #: Access decisions for this session's fixed config (gate._rules_for).
+        self._access_cache: dict[Any, Any] = {}
+        #: The vault-wide rows as of a state root, with the two nodes that tie
+        #: them to it: what the last operation verified or wrote (see _meta).
+        self._meta_seen: tuple[bytes, Meta, bytes, bytes] | None = None
         #: Things a person should hear about (an interrupted rekey resolved, a
         #: deletion that could not yet reach the disk). The CLI prints them.
         self.notices: list[str] = []
@@ -364,11 +465,15 @@ class Session:
                                  "upgrade (once)", "needs-upgrade")
             if vault.state_version not in (0, 1):
                 raise _tampered("the vault record", "vault-record")
+            attempt = _throttle(storage, clock, KdfParams.from_json(vault.kdf).uses_passphrase)
             try:
                 root = cls._unlock(location, vault, _source(cfg, passphrase, prompt))
-            except LockedError as exc:
-                _record_pending(storage, clock, who, exc)
+            except BaseException as exc:
+                attempt.ended(exc)
+                if isinstance(exc, LockedError):
+                    _record_pending(storage, clock, who, exc)
                 raise
+            attempt.ended(None)  # a correct key ends the backoff
             store = cls._ready(location, cfg, storage, vault, root, clock, who)
             if notice:
                 store.notices.append(notice)
@@ -691,17 +796,34 @@ class Session:
                             "state-version")
         return row
 
-    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None) -> Meta:
-        """The vault record, KEKs, past vault keys and audit anchor, checked against the root."""
+    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None, *,
+              fresh: bool = False) -> Meta:
+        """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, checked.
+
+        ``fresh``: read and check the rows even if this session holds a copy
+        for the current root (``audit verify`` must see the rows as they are).
+        """
         tx = tx or self._state()
-        if tx.meta is not None:
+        if tx.meta is not None and not fresh:
             return tx.meta
+        seen = self._meta_seen
+        if seen is not None and seen[0] == tx.root and not fresh:
+            # The root is unchanged since this session last verified (or wrote)
+            # these rows: the copy it kept is what the root pins, so it is used
+            # instead of reading the rows again. An edit of the rows since then
+            # changes nothing this process decides; the next operation that
+            # reads them after any change of the root checks them again.
+            tx.nodes.setdefault(state.META_KEY, seen[2])
+            tx.nodes.setdefault((0, 0), seen[3])
+            tx.meta = seen[1]
+            return seen[1]
         meta = Meta(*storage.meta_rows())
         self._path_nodes(storage, tx, [])
         digest = _meta_digest(meta)
         if digest != tx.nodes[state.META_KEY] or state.root_of(digest, tx.nodes[(0, 0)]) \
                 != tx.root:
-            raise _tampered("the vault record or its key records", "state-meta")
+            raise _tampered("a vault-wide record (vault, keys, seal or rate limits)",
+                            "state-meta")
         _check_keks(meta.keks)
         if meta.vault.vault_id != self._vault.vault_id or meta.vault.generation != self._epoch:
             raise _tampered("the vault record", "state-meta")
@@ -744,16 +866,61 @@ class Session:
         tx.meta_dirty = True
         tx.meta_exact = exact
 
+    def _set_meta_buckets(self, tx: _Tx, meta: Meta, rows: list[BucketRow]) -> None:
+        """The rate-limit buckets as just written, in the checked copy (as :meth:`_count_wrap`)."""
+        self._change_meta(tx, meta._replace(buckets=sorted(rows)))
+
+    def _set_meta_seal(self, tx: _Tx, meta: Meta, seal: tuple[float, str] | None) -> None:
+        """The seal as just written, in the checked copy."""
+        self._change_meta(tx, meta._replace(seal=seal))
+
+    def _change_meta(self, tx: _Tx, meta: Meta) -> None:
+        # The copy stays exact (usable for the new root without re-reading the
+        # rows) if it was exact before this change.
+        exact = tx.meta_exact or not tx.meta_dirty
+        tx.meta = meta
+        tx.meta_dirty = True
+        tx.meta_exact = exact
+
+    def _prove(self, passphrase: str | None, prompt: PassphraseProvider | None,
+               key_file: Path | None) -> None:
+        """Prove the root key again (for ``unseal``): the key file, or the passphrase.
+
+        Raises :class:`LockedError` (``wrong-key``, ``wrong-passphrase``)
+        when the proof does not open this vault; never keeps the key.
+        """
+        vault = self._vault
+        if self._kdf.uses_passphrase:
+            if key_file is not None:
+                raise UsageError("--key-file: this vault opens with a passphrase, not a key file")
+            secret = _source(self.config, passphrase, prompt)()
+            root = RootKey(derive_from_passphrase(self._kdf, secret), vault.vault_id)
+            failure = LockedError("wrong passphrase", "wrong-passphrase")
+        elif key_file is None:
+            _key_file_root(self.location, vault).close()
+            return
+        else:
+            root = RootKey(read_key_file(key_file), vault.vault_id)
+            failure = LockedError(f"wrong key file: {key_file} does not open this vault",
+                                  "wrong-key")
+        try:
+            if not root.matches(vault.vault_id, vault.verifier):
+                raise failure
+        finally:
+            root.close()
+
     def _commit_state(self, storage: SQLiteStorage) -> bytes:
         """Recompute the root after this operation's changes, and store the changed nodes."""
         tx = self._state()
         if not tx.touched and not tx.meta_dirty:
             return tx.root
-        digests = {}
-        for bucket, heads in storage.heads_in_buckets(tx.touched).items():
-            digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
-            tx.buckets[bucket] = heads
-        changed: dict[state.NodeKey, bytes] = dict(state.update_paths(digests, tx.nodes))
+        changed: dict[state.NodeKey, bytes] = {}
+        if tx.touched:  # a rate-limited read changes only the vault-wide rows
+            digests = {}
+            for bucket, heads in storage.heads_in_buckets(tx.touched).items():
+                digests[bucket] = state.bucket_digest([_head_leaf(h) for h in heads])
+                tx.buckets[bucket] = heads
+            changed.update(state.update_paths(digests, tx.nodes))
         meta_digest = tx.nodes[state.META_KEY]
         if tx.meta_dirty:
             meta = tx.meta if tx.meta is not None and tx.meta_exact else Meta(
@@ -776,7 +943,7 @@ class Session:
         it reads everything, so it costs time in proportion to the vault's size.
         """
         tx = self._state()
-        meta = self._meta(storage, tx)
+        meta = self._meta(storage, tx, fresh=True)
         buckets: dict[int, list[bytes]] = {}
         heads: dict[int, HeadRow] = {}
         for stored_bucket, h in storage.all_heads():
@@ -919,10 +1086,17 @@ class Session:
             try:
                 with storage.transaction():
                     tx = self._tx = self._begin(storage)
-                    if writes:
+                    try:
+                        # Seal, policy and rate limits, in this transaction: the
+                        # buckets commit with the event, granted or not.
+                        gate.admit(self, storage, tx, op, service)
+                    except HardenedError as exc:
+                        failure = exc
+                    if failure is None and writes:
                         storage.savepoint()
                     try:
-                        result = body(storage, note)
+                        if failure is None:
+                            result = body(storage, note)
                     except HardenedError as exc:
                         if writes:
                             storage.rollback_savepoint()
@@ -930,7 +1104,7 @@ class Session:
                         self._forget_keks_except(known)
                         failure = exc
                     else:
-                        if writes:
+                        if writes and failure is None:
                             storage.release_savepoint()
                     try:
                         if finish is not None and failure is None:
@@ -942,6 +1116,10 @@ class Session:
                         raise StorageError(f"the audit trail could not be written ({exc}); "
                                            f"the {op} was not performed",
                                            "audit-write") from None
+                # Committed: keep the vault-wide rows this root pins, if known exactly.
+                if tx.meta is not None and tx.meta_exact and not tx.meta_dirty:
+                    self._meta_seen = (tx.root, tx.meta, tx.nodes[state.META_KEY],
+                                       tx.nodes[(0, 0)])
             except BaseException as exc:
                 self._forget_keks_except(known)
                 if isinstance(exc, HardenedError) and failure is not None \
@@ -1157,6 +1335,12 @@ class Session:
         left unauthenticated (a version's TTL, say) is taken as found, which
         is why this is a deliberate command and not automatic.
         """
+        access = self.config.access
+        if access is not None:
+            # An admin command; a 0.1 vault has no buckets or seal to consult yet.
+            found = gate.decision(access, self.actor, "admin", None)
+            if not found.allowed:
+                raise gate.denied(self.actor, "admin", None, found)
         with self._guard() as storage, storage.transaction():
             vault = storage.vault()
             if vault.state_version != 0:
@@ -1274,6 +1458,146 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- private copies: backup and restore (issue 14) ----------------------
+
+    #: True for a copy opened with the root key of the session that checks it
+    #: (a backup): closing the copy must not wipe a key it does not own.
+    _borrowed_root = False
+
+    @classmethod
+    def _open_copy(cls, location: Location, config: Config, database: Path, *,
+                   root: RootKey | None = None, passphrase: str | None = None,
+                   prompt: PassphraseProvider | None = None, clock: Clock = time.time,
+                   actor: str | None = None) -> Self:
+        """Open a private copy of a vault (a backup) and check its newest event and keys.
+
+        Nothing is written to the copy here: no failed unlock is chained and
+        no failure recorded, so a checked copy stays byte for byte what it
+        was. ``root`` (the checking session's own key, borrowed, never
+        wiped here) or else the vault's usual sources (``location``'s key
+        file, or the passphrase) must open it: a copy is useless without
+        the root key, and a copy that another key opens is not this vault's.
+        """
+        who = validate_actor(actor) if actor is not None else default_actor()
+        storage = SQLiteStorage.open_copy(database, config.synchronous, config.busy_timeout)
+        try:
+            vault = storage.vault()
+            if vault.state_version != 1:
+                raise UsageError(f"the vault copy {database} was made by keyring-hardened 0.1 "
+                                 "(or is damaged); it cannot be checked as a whole",
+                                 "copy-legacy")
+            borrowed = root is not None
+            if root is None:
+                root = cls._unlock(location, vault, _source(config, passphrase, prompt))
+            elif not root.matches(vault.vault_id, vault.verifier):
+                raise LockedError("the copy does not open with this vault's root key (rekeyed "
+                                  "while it was taken?); run it again", "copy-root")
+            try:
+                material = envelope.unwrap_vault_key(root.wrap, vault.vault_id, vault.vault_key)
+            except DecryptFailed:
+                if not borrowed:
+                    root.close()
+                raise IntegrityError(f"the vault key of the copy {database} failed its "
+                                     "integrity check", "vault-key-damaged") from None
+            store = cls(location, config, storage, vault, root,
+                        VaultKeys(material, vault.vault_id), clock, who)
+            store._borrowed_root = borrowed
+        except BaseException:
+            storage.close()
+            raise
+        try:
+            with storage.snapshot():
+                store._tx = store._begin(storage)
+                try:
+                    meta = store._meta(storage)
+                    if meta.vault != vault:
+                        raise _tampered("the copy's vault record", "state-meta")
+                    store._unwrap_keks(meta.keks)
+                finally:
+                    store._tx = None
+        except BaseException:
+            store._close_copy()
+            raise
+        return store
+
+    def _check_copy(self) -> dict[str, Any]:
+        """Verify this copy as ``audit verify`` does, read-only; facts about it.
+
+        The whole chain under every epoch's audit key, its ends, and every
+        row against the state root its newest event carries. Raises
+        :class:`IntegrityError` naming the first bad event.
+        """
+        with self._guard() as storage, storage.snapshot():
+            self._tx = self._begin(storage)
+            root = self._tx.root
+            try:
+                result = self.trail._check_table(storage)
+                if not result.ok:
+                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
+                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
+                meta = self._meta(storage)
+                counts = storage.counts()
+            finally:
+                self._tx = None
+        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
+                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
+                "events_verified": result.verified, "key_version": meta.active.version,
+                "root": root,
+                **counts}
+
+    def _holds_event(self, seq: int, mac: bytes) -> bool:
+        """Whether this vault's trail holds event ``seq`` with ``mac`` (or it is the anchor)."""
+        with self._guard() as storage, storage.snapshot():
+            if storage.audit_anchor() == (seq, mac):
+                return True
+            found = storage.event(seq)
+        return found is not None and hmac.compare_digest(found.mac, mac)
+
+    def _record_restore(self, reason: str, live_key_version: int) -> None:
+        """Chain the ``restore`` event onto this copy (before it replaces the vault).
+
+        Key versions only move forward: when the replaced vault had newer
+        KEK versions than the copy, those numbers are recorded as retired
+        and the new active KEK takes the next number. A process that held
+        the replaced vault open, with those KEKs cached by number, can then
+        never seal a new secret under a key this vault does not hold.
+        """
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            note.reason = reason
+            meta = self._meta(storage)
+            top = meta.active.version
+            if live_key_version <= top:
+                return
+            now = self._clock()
+            for version in range(top + 1, live_key_version + 1):
+                storage.add_kek(KekRecord(version, "retired", now, None, 0))
+            kek = envelope.new_kek(live_key_version + 1)
+            try:
+                storage.add_kek(KekRecord(live_key_version + 1, "active", now, envelope.wrap_kek(
+                    self._root.wrap, self._vault.vault_id, kek), 0))
+            finally:
+                kek.wipe()
+            storage.set_kek_state(top, "decrypt-only")
+            self._touch_meta()
+            note.key_version = live_key_version + 1
+
+        self._run("restore", None, None, body, writes=True)
+
+    def _close_copy(self) -> None:
+        """Close a copy; a borrowed root key is left to the session that owns it."""
+        with self._lock:
+            if not self._borrowed_root:
+                self.close()
+                return
+            if self._closed:
+                return
+            self._closed = True
+            for kek in self._keks.values():
+                kek.wipe()
+            self._keks.clear()
+            self._vkeys.close()
+            self._storage.close()
 
 
 def _valid_actor(actor: str) -> bool:

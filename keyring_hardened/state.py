@@ -14,8 +14,10 @@ The root is built in two parts::
     root = H("root", meta, node_digest(level-0 node))
 
 * ``meta`` covers the few vault-wide rows: the vault record, every KEK row,
-  the past vault keys and the audit anchor. Operations that use any of
-  them recompute it from the rows.
+  the past vault keys and the audit anchor; and, through the vault
+  record's leaf, the seal and the rate-limit buckets (see
+  :func:`access_digest`). Operations that use any of them recompute it
+  from the rows.
 * the credential tree covers every credential head. Heads fall into
   2**16 buckets by a hash of their *service* (so every username of a
   service shares a bucket, and "which usernames does this service have"
@@ -48,6 +50,7 @@ __all__ = [
     "FANOUT",
     "LEVELS",
     "META_KEY",
+    "access_digest",
     "bucket_digest",
     "bucket_of",
     "full_root",
@@ -162,15 +165,43 @@ def head_leaf(head_id: int, service: str, username: str, current: int | None, la
 def vault_leaf(vault_id: bytes, created_at: float, kdf: str, verifier: bytes,
                vault_key: bytes, generation: int, state_version: int,
                extra: bytes | None = None) -> bytes:
-    """The digest of the vault record."""
-    return _digest(b"vault", vault_id, _real(created_at), kdf, verifier, vault_key, generation,
-                   state_version, extra)
+    """The digest of the vault record (the bytes ``_digest(b"vault", ...)`` gives)."""
+    return hashlib.sha256(_vault_prefix(vault_id, created_at, kdf, verifier, vault_key,
+                                        generation, state_version) + _field(extra)).digest()
 
 
+@functools.lru_cache(maxsize=8)
+def _vault_prefix(vault_id: bytes, created_at: float, kdf: str, verifier: bytes,
+                  vault_key: bytes, generation: int, state_version: int) -> bytes:
+    # The record itself rarely changes; its extra (the access digest) changes
+    # with every rate-limited request, so the rest is encoded once.
+    return b"kh-state-v1/vault\x00" + b"".join(map(_field, (
+        vault_id, _real(created_at), kdf, verifier, vault_key, generation, state_version)))
+
+
+@functools.lru_cache(maxsize=64)
 def kek_leaf(version: int, state: str, created_at: float, wrapped: bytes | None,
              wrap_count: int) -> bytes:
     """The digest of one KEK row."""
     return _digest(b"kek", version, state, _real(created_at), wrapped, wrap_count)
+
+
+def access_digest(seal: tuple[float, str] | None,
+                  buckets: Iterable[tuple[str, str, float, float]]) -> bytes:
+    """The digest of the access-control rows: the seal, and every rate-limit bucket.
+
+    It goes into the vault record's leaf (its ``extra``) whenever either
+    exists, so unsealing by deleting the row, or refilling a bucket by
+    editing it, no longer matches the state root. Buckets are taken in
+    (rule, actor) order whatever order they come in.
+    """
+    h = hashlib.sha256(b"kh-state-v1/access\x00")
+    h.update(_field(None) if seal is None else _field(_real(seal[0])) + _field(seal[1]))
+    rows = sorted(buckets)
+    h.update(_field(len(rows)))
+    for rule, actor, tokens, updated in rows:
+        h.update(_field(rule) + _field(actor) + _field(_real(tokens)) + _field(_real(updated)))
+    return h.digest()
 
 
 def meta_digest(vault: bytes, keks: Sequence[bytes], past_keys: Sequence[tuple[int, bytes]],
@@ -201,7 +232,7 @@ def bucket_digest(leaves: Sequence[bytes]) -> bytes:
 
 def node_digest(blob: bytes) -> bytes:
     """The digest of a stored node (its children's digests); an empty node is EMPTY."""
-    if not any(blob):
+    if blob.count(0) == len(blob):  # all zero bytes, counted at C speed
         return EMPTY
     return hashlib.sha256(b"kh-state-v1/node\x00" + blob).digest()
 

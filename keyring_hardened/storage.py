@@ -34,6 +34,7 @@ from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, 
 __all__ = [
     "APPLICATION_ID",
     "MIGRATIONS",
+    "BucketRow",
     "HeadRow",
     "KekRecord",
     "SQLiteStorage",
@@ -149,6 +150,38 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             wrapped BLOB NOT NULL
         )""",
     )),
+    # Access control (access.py): rate-limit buckets and the seal, both under
+    # the state root; the unlock throttle, which cannot be (no key before unlock).
+    ("0005_access", (
+        # One token bucket per (rule, actor); ``rule`` is a digest of the rule's
+        # definition, so reordering the config does not move a bucket to another rule.
+        """CREATE TABLE rate_buckets (
+            rule TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            tokens REAL NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (rule, actor)
+        ) WITHOUT ROWID""",
+        # A row here means sealed: since when, and by whom.
+        """CREATE TABLE seal (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            sealed_at REAL NOT NULL,
+            actor TEXT NOT NULL
+        )""",
+        # Failed unlocks in a row and the time of the last attempt that counted;
+        # written before any key is known, so nothing authenticates it.
+        """CREATE TABLE unlock_throttle (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            failures INTEGER NOT NULL,
+            last_at REAL NOT NULL
+        )""",
+        # Passphrase attempts running now (their KDF takes a while): counted
+        # against the free attempts, so guesses made side by side get no more.
+        """CREATE TABLE unlock_attempts (
+            id INTEGER PRIMARY KEY,
+            started_at REAL NOT NULL
+        )""",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -172,6 +205,15 @@ class VaultRecord(NamedTuple):
     generation: int
     #: 1 once the state is authenticated; 0 for a vault made by 0.1 (needs upgrade).
     state_version: int = 1
+
+
+class BucketRow(NamedTuple):
+    """A stored token bucket: ``tokens`` left at time ``updated``."""
+
+    rule: str
+    actor: str
+    tokens: float
+    updated: float
 
 
 class KekRecord(NamedTuple):
@@ -218,6 +260,7 @@ _KEK_TYPES = (int, str, float, (bytes, _N), int)
 _HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N))
 _VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N), (bytes, _N))
 _REWRAP_TYPES = (int, str, str, int, int, bytes)
+_BUCKET_TYPES = (str, str, (float, int), (float, int))
 _EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes,
                 (int, _N), (bytes, _N))
 
@@ -491,8 +534,9 @@ class SQLiteStorage:
             " ORDER BY version")]
 
     def meta_rows(self) -> tuple[VaultRecord, list[KekRecord], list[tuple[int, bytes]],
-                                 tuple[int, bytes]]:
-        """The vault record, KEKs, past vault keys and audit anchor, in one query."""
+                                 tuple[int, bytes], tuple[float, str] | None,
+                                 list[BucketRow]]:
+        """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, in one query."""
         rows = self._rows(
             "SELECT 0, CAST(vault_id AS BLOB), created_at, kdf, CAST(verifier AS BLOB),"
             " CAST(vault_key AS BLOB), generation, state_version FROM vault WHERE id = 1"
@@ -501,18 +545,99 @@ class SQLiteStorage:
             " UNION ALL SELECT 2, epoch, CAST(wrapped AS BLOB), NULL, NULL, NULL, NULL, NULL"
             " FROM vault_keys"
             " UNION ALL SELECT 3, seq, CAST(mac AS BLOB), NULL, NULL, NULL, NULL, NULL"
-            " FROM audit_anchor WHERE id = 1 ORDER BY 1, 2")
+            " FROM audit_anchor WHERE id = 1"
+            " UNION ALL SELECT 4, sealed_at, actor, NULL, NULL, NULL, NULL, NULL FROM seal"
+            " UNION ALL SELECT 5, rule, actor, tokens, updated, NULL, NULL, NULL"
+            " FROM rate_buckets ORDER BY 1, 2, 3")
         vaults = [VaultRecord(*_typed(r[1:], _VAULT_TYPES, "vault record"))
                   for r in rows if r[0] == 0]
         keks = [KekRecord(*_typed(r[1:6], _KEK_TYPES, "key record")) for r in rows if r[0] == 1]
         past = [_typed(r[1:3], (int, bytes), "vault key record") for r in rows if r[0] == 2]
         anchors = [_typed(r[1:3], (int, bytes), "audit anchor") for r in rows if r[0] == 3]
+        seals = [_typed(r[1:3], (float, str), "seal record") for r in rows if r[0] == 4]
+        buckets = [BucketRow(*_typed(r[1:5], _BUCKET_TYPES, "rate-limit bucket"))
+                   for r in rows if r[0] == 5]
         if not vaults:
             raise IntegrityError(f"vault database {self.path} has no vault record; "
                                  "restore it from a backup")
         if not anchors:
             raise IntegrityError("audit anchor is missing", "audit-anchor")
-        return vaults[0], keks, [(e, w) for e, w in past], (anchors[0][0], anchors[0][1])
+        seal = (seals[0][0], seals[0][1]) if seals else None
+        return (vaults[0], keks, [(e, w) for e, w in past], (anchors[0][0], anchors[0][1]),
+                seal, buckets)
+
+    # -- access control: buckets and seal (under the state root), unlock throttle ----------
+
+    def put_buckets(self, rows: Iterable[BucketRow]) -> None:
+        """Store token-bucket states (insert or replace)."""
+        try:
+            self._conn.executemany("INSERT OR REPLACE INTO rate_buckets (rule, actor, tokens,"
+                                   " updated) VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def drop_buckets(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Delete token buckets by (rule, actor): a full bucket and a missing one are alike."""
+        try:
+            self._conn.executemany("DELETE FROM rate_buckets WHERE rule = ? AND actor = ?",
+                                   list(keys))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def set_seal(self, sealed_at: float | None, actor: str = "") -> None:
+        """Seal (a time and an actor) or unseal (None)."""
+        self._run("DELETE FROM seal")
+        if sealed_at is not None:
+            self._run("INSERT INTO seal (id, sealed_at, actor) VALUES (1, ?, ?)",
+                      (sealed_at, actor))
+
+    def unlock_throttle(self) -> tuple[int, float]:
+        """Failed unlocks in a row and the time of the last counted attempt (unauthenticated).
+
+        A damaged row (wrong types, negative) reads as the most cautious
+        state the caller can act on: it is not trusted to *shorten* a wait.
+        """
+        rows = self._rows("SELECT failures, last_at FROM unlock_throttle WHERE id = 1")
+        if not rows:
+            return 0, 0.0
+        failures, last_at = rows[0]
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            failures = 1 << 30
+        if not isinstance(last_at, int | float) or last_at != last_at:
+            last_at = float("inf")
+        return failures, float(last_at)
+
+    def unlock_attempts(self, stale_before: float) -> int:
+        """Attempts running now; those started before ``stale_before`` (crashed) are dropped."""
+        self._run("DELETE FROM unlock_attempts WHERE NOT (started_at >= ?)", (stale_before,))
+        return int(self._rows("SELECT count(*) FROM unlock_attempts")[0][0])
+
+    def start_unlock_attempt(self, now: float) -> int:
+        """Record an attempt that is about to run; returns its id."""
+        cur = self._conn.execute("INSERT INTO unlock_attempts (started_at) VALUES (?)", (now,))
+        return int(cur.lastrowid or 0)
+
+    def end_unlock_attempt(self, attempt: int | None, outcome: str, now: float) -> None:
+        """An attempt is over, in one transaction: forget it, and count its outcome.
+
+        ``outcome``: ``"ok"`` resets the count, ``"guess"`` (a wrong key or
+        passphrase) adds one, anything else leaves the count as it is.
+        """
+        with self.transaction():
+            if attempt is not None:
+                self._run("DELETE FROM unlock_attempts WHERE id = ?", (attempt,))
+            if outcome == "ok":
+                self.set_unlock_throttle(0, 0.0)
+            elif outcome == "guess":
+                failures, _ = self.unlock_throttle()
+                self.set_unlock_throttle(min(failures + 1, 1 << 30), now)
+
+    def set_unlock_throttle(self, failures: int, last_at: float) -> None:
+        """Record the failed-unlock count (0 removes the row)."""
+        self._run("DELETE FROM unlock_throttle")
+        if failures:
+            self._run("INSERT INTO unlock_throttle (id, failures, last_at) VALUES (1, ?, ?)",
+                      (failures, last_at))
 
     def add_kek(self, record: KekRecord) -> None:
         """Store a new KEK version."""
@@ -790,13 +915,15 @@ class SQLiteStorage:
     def put_nodes(self, nodes: Mapping[tuple[int, int], bytes | None]) -> None:
         """Store changed state nodes; None (or an all-empty node) removes one."""
         keep = [(level, idx, blob) for (level, idx), blob in nodes.items()
-                if blob is not None and any(blob)]
+                if blob is not None and blob.count(0) != len(blob)]
         drop = [(level, idx) for (level, idx), blob in nodes.items()
-                if blob is None or not any(blob)]
+                if blob is None or blob.count(0) == len(blob)]
         try:
             self._conn.executemany("INSERT OR REPLACE INTO state_nodes (level, idx, hashes)"
                                    " VALUES (?, ?, ?)", keep)
-            self._conn.executemany("DELETE FROM state_nodes WHERE level = ? AND idx = ?", drop)
+            if drop:
+                self._conn.executemany("DELETE FROM state_nodes WHERE level = ? AND idx = ?",
+                                       drop)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
 
@@ -938,6 +1065,187 @@ class SQLiteStorage:
         finally:
             if self._conn.in_transaction:
                 self._conn.rollback()
+
+    # -- backup and restore (issue 14) ------------------------------------------
+
+    def backup_to(self, target: Path) -> None:
+        """Copy this database, as one consistent snapshot, into a new file at ``target``.
+
+        SQLite's online backup API, from this connection, in one step: it
+        reads one snapshot (WAL: writers in other processes go on, and the
+        copy holds every commit made before it began, none half). No other
+        descriptor of ``vault.db`` is opened, so no POSIX lock of this
+        process is dropped (see :func:`_held_descriptor`). The copy is made
+        a rollback-journal database: one self-contained file, with no
+        ``-wal`` to lose. ``target`` must not exist; it is created 0600
+        without following links.
+        """
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create backup file {target}: {exc.strerror}") from None
+        try:
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                self._conn.backup(copy)
+                crash_point("backup-after-copy")
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
+            fsync_file(target)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        except OSError as exc:
+            raise StorageError(f"cannot write backup file {target}: {exc.strerror}") from None
+
+    @classmethod
+    def open_copy(cls, path: Path, synchronous: str = "normal", busy_timeout: float = 10.0
+                  ) -> SQLiteStorage:
+        """Open a private copy of a vault (a backup being checked or restored).
+
+        Like :meth:`open`, but the header is checked through a descriptor
+        closed *before* SQLite opens the file: the copy is this process's
+        own file, so no lock can be lost, and no descriptor stays held.
+        """
+        from ._files import open_trusted
+        from .errors import ConfigError
+
+        try:
+            fd = open_trusted(path, "vault copy")
+        except FileNotFoundError:
+            raise VaultMissingError(f"no vault copy at {path}") from None
+        except OSError as exc:
+            raise StorageError(f"vault copy {path} cannot be read: {exc.strerror}") from None
+        try:
+            header = os.pread(fd, 100, 0)
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise StorageError(f"vault copy {path} cannot be read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+            raise IntegrityError(f"{path} is not a keyring-hardened vault (empty, truncated or "
+                                 "foreign file)", "copy-header")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        if pages and header[24:28] == header[92:96] and size < pages * page_size:
+            raise IntegrityError(f"vault copy {path} is truncated ({size} of "
+                                 f"{pages * page_size} bytes)", "copy-truncated")
+        try:
+            _check_companions(path)
+        except ConfigError as exc:
+            raise IntegrityError(str(exc), "copy-companion") from None
+        try:
+            conn = cls._connect(path, synchronous, busy_timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        store = cls(path, conn, busy_timeout)
+        try:
+            store._check_and_migrate()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def use_wal(self) -> None:
+        """Switch this (private, unshared) database to WAL, as every live vault is."""
+        self._rows("PRAGMA journal_mode = WAL")
+        self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _schema_rows(self, schema: str) -> list[tuple[str, str, str]]:
+        # Only the schema name varies, and it is one of ours ("main", "src").
+        return [tuple(r) for r in self._rows(
+            f"SELECT type, name, sql FROM {schema}.sqlite_master"  # noqa: S608
+            " WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY type != 'table', name")]
+
+    def replace_with(self, source: Path, keep: Path, expect_root: bytes | None,
+                     key_version: int) -> None:
+        """Make this vault's rows those of ``source``, in one transaction; keep the old ones.
+
+        Why rows and not a file rename: other processes may hold
+        ``vault.db`` open. After a rename they would go on writing to the
+        unlinked inode (acknowledged writes lost), and a ``-wal`` left by
+        the old file could be replayed onto the new one. A transaction on
+        the same file is what every other connection already knows how to
+        wait for: their writes queue on SQLite's lock (busy timeout) and
+        then see the restored rows; their readers finish on their snapshot.
+
+        ``keep`` (a new, absent file) receives the replaced rows in the
+        same transaction, so what was replaced is exactly what is kept.
+        ``expect_root`` is the state root of the newest event the caller
+        checked: if another process changed the vault since (reads change
+        no root), nothing is changed (None: the caller accepts a rollback,
+        and writes made meanwhile are kept in ``keep`` like the rest).
+        ``key_version`` is the newest KEK version the caller saw: a rotation
+        since (which the copy's keys would not step past) also changes
+        nothing.
+        """
+        import stat as stat_
+
+        try:
+            fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create {keep}: {exc.strerror}") from None
+        tables = [name for kind, name, _ in self._schema_rows("main") if kind == "table"]
+        try:
+            old = sqlite3.connect(keep, isolation_level=None)
+            try:
+                old.execute("PRAGMA journal_mode = DELETE")
+                old.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                for _kind, _name, sql in self._schema_rows("main"):
+                    old.execute(sql)
+                version, = self._rows("PRAGMA user_version")[0]
+                old.execute(f"PRAGMA user_version = {int(version)}")
+            finally:
+                old.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, keep) from None
+        if not stat_.S_ISREG(os.lstat(source).st_mode):
+            raise StorageError(f"{source} is not a regular file")
+        import urllib.parse
+
+        uri = f"file:{urllib.parse.quote(os.fsencode(source.absolute()))}?mode=ro"
+        keep_uri = f"file:{urllib.parse.quote(os.fsencode(keep.absolute()))}?mode=rw"
+        self._run("ATTACH DATABASE ? AS src", (uri,))
+        try:
+            self._run("ATTACH DATABASE ? AS old", (keep_uri,))
+            try:
+                if self._schema_rows("src") != self._schema_rows("main"):
+                    raise IntegrityError(f"{source} has another schema than this vault; "
+                                         "nothing was changed", "copy-schema")
+                with self.transaction():
+                    newest = max((k.version for k in self.keks()), default=0)
+                    head = self.newest_events(1)
+                    if (expect_root is not None and (not head or head[0].root != expect_root)) \
+                            or newest != key_version:
+                        raise StorageError("the vault changed while it was being restored "
+                                           "(another process wrote to it); nothing was "
+                                           "changed: run restore again", "restore-raced")
+                    # Checked at commit: rows go in parents-last order otherwise.
+                    self._run("PRAGMA defer_foreign_keys = ON")
+                    for table in tables:
+                        # Table names come from the vault's own schema, compared above.
+                        self._run(f'INSERT INTO old."{table}" SELECT * FROM main."{table}"')  # noqa: S608
+                    crash_point("restore-before-swap")
+                    for table in tables:
+                        self._run(f'DELETE FROM main."{table}"')  # noqa: S608
+                        self._run(f'INSERT INTO main."{table}" SELECT * FROM src."{table}"')  # noqa: S608
+                    crash_point("restore-before-commit")
+            finally:
+                self._run("DETACH DATABASE old")
+        finally:
+            self._run("DETACH DATABASE src")
+        fsync_file(keep)
 
 
 def _chunks(items: list[int], size: int = 500) -> Iterator[list[int]]:

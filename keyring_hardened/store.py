@@ -10,15 +10,29 @@ whole or not at all.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import ExpiredError, IntegrityError, NotFoundError, UsageError
+from . import gate
+from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
+from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
+from .location import validate_actor
 from .secret import Secret
-from .session import IMPLICIT_INIT, Session, _label, _Note, _utc
+from .session import (
+    IMPLICIT_INIT,
+    Session,
+    _label,
+    _Note,
+    _throttle,
+    _utc,
+)
 from .state import bucket_of
 from .storage import KekRecord, SQLiteStorage
 
-__all__ = ["CredentialInfo", "Store", "VersionInfo"]
+if TYPE_CHECKING:
+    from .passphrase import PassphraseProvider
+
+__all__ = ["CredentialInfo", "Explanation", "LimitState", "Store", "VersionInfo"]
 
 MAX_NAME_BYTES = 4096
 MAX_SECRET_BYTES = 1 << 20
@@ -31,6 +45,43 @@ class CredentialInfo(NamedTuple):
     username: str
     version: int
     updated_at: float
+
+
+def _nothing(storage: SQLiteStorage, note: _Note) -> None:
+    """An operation that does nothing: only the door's check and its audit event."""
+
+
+class LimitState(NamedTuple):
+    """A rate limit that applies to a request, and its bucket as of now."""
+
+    rule: str
+    tokens: float
+    #: Seconds until a token is there; 0.0 when one is.
+    retry_after: float
+
+
+class Explanation(NamedTuple):
+    """What ``policy test`` reports: the deciding rule, and every applicable limit."""
+
+    actor: str
+    op: str
+    service: str | None
+    allowed: bool
+    reason: str
+    #: No policies or limits are configured at all.
+    unconfigured: bool
+    limits: list[LimitState]
+    seal: tuple[float, str] | None
+
+    @property
+    def limited(self) -> bool:
+        """Whether a limit would reject the request right now."""
+        return any(limit.retry_after > 0 for limit in self.limits)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the seal would refuse the request (credential operations, while sealed)."""
+        return self.seal is not None and self.op != "admin"
 
 
 class VersionInfo(NamedTuple):
@@ -215,12 +266,31 @@ class Store(Session):
 
         return self._run("rollback", service, username, body, writes=True)
 
+    def _may_see(self, service: str, seen: dict[str, bool]) -> bool:
+        """Whether ``list`` shows this service's credentials: the actor may list *and* read it."""
+        config = self.config.access
+        if config is None:
+            return True
+        if service not in seen:
+            seen[service] = all(gate.decision(config, self.actor, op, service).allowed
+                                for op in ("list", "read"))
+        return seen[service]
+
     def credentials(self) -> list[CredentialInfo]:
-        """Every live credential (names and versions only); checks every row of the vault."""
+        """Every live credential the actor may list and read (names and versions only).
+
+        Checks every row of the vault. Under policies, what the actor may not
+        read is left out (the event's reason counts it), not refused.
+        """
         def body(storage: SQLiteStorage, note: _Note) -> list[CredentialInfo]:
             self._full_check(storage, versions=False)
-            return [CredentialInfo(h.service, h.username, h.current_version, h.updated_at)
-                    for _, h in storage.all_heads() if h.current_version is not None]
+            found = [CredentialInfo(h.service, h.username, h.current_version, h.updated_at)
+                     for _, h in storage.all_heads() if h.current_version is not None]
+            seen: dict[str, bool] = {}
+            shown = [c for c in found if self._may_see(c.service, seen)]
+            if len(shown) != len(found):
+                note.reason = f"hidden-{len(found) - len(shown)}"
+            return shown
 
         return self._run("list", None, None, body)
 
@@ -234,6 +304,14 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
 
         def body(storage: SQLiteStorage, note: _Note) -> list[str]:
+            config = self.config.access
+            if config is not None:
+                # "lookup" itself needs list (checked at the door); naming the
+                # usernames leads to reading them, so read is needed too. A
+                # refusal, never an empty answer: keyring must not see "none".
+                found = gate.decision(config, self.actor, "read", service)
+                if not found.allowed:
+                    raise gate.denied(self.actor, "read", service, found)
             heads = [h for h in self._bucket(storage, self._state(), bucket_of(service))
                      if h.service == service and h.current_version is not None]
             if not heads:
@@ -262,6 +340,104 @@ class Store(Session):
 
         return self._run("history", service, username, body)
 
+    # -- access control ---------------------------------------------------
+
+    def seal(self) -> None:
+        """Seal the vault: every credential request is refused (exit 6) until :meth:`unseal`.
+
+        The seal is part of the authenticated state, so deleting it from the
+        database does not unseal: it breaks the state root (exit 3).
+        """
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            meta = self._meta(storage)
+            if meta.seal is not None:
+                raise UsageError(f"the vault is already sealed (since {_utc(meta.seal[0])}, by "
+                                 f"{meta.seal[1]})", "already-sealed")
+            now = self._clock()
+            storage.set_seal(now, self.actor)
+            self._set_meta_seal(self._state(), meta, (now, self.actor))
+
+        self._run("seal", None, None, body, writes=True)
+
+    def unseal(self, *, passphrase: str | None = None, prompt: PassphraseProvider | None = None,
+               key_file: Path | None = None) -> None:
+        """Lift the seal after proving the root key again.
+
+        Key-file mode reads the key file (``key_file``, else the vault's
+        own); passphrase mode asks for the passphrase from the usual sources.
+        A wrong proof is audited, counts in the unlock throttle, and raises
+        :class:`LockedError`.
+        """
+        config = self.config.access
+        if config is not None and not gate.decision(config, self.actor, "admin", None).allowed:
+            # Refused before any proof is tried: a wrong proof from an actor
+            # that may not unseal must not count against everyone's unlocks.
+            self._run("unseal", None, None, _nothing)
+        with self._guard() as storage:
+            attempt = _throttle(storage, self._clock, self._kdf.uses_passphrase)
+        try:
+            self._prove(passphrase, prompt, key_file)
+        except BaseException as exc:
+            attempt.ended(exc)
+            if not isinstance(exc, LockedError):
+                raise
+            proof: LockedError | None = exc
+        else:
+            attempt.ended(None)
+            proof = None
+
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            if proof is not None:
+                raise proof
+            meta = self._meta(storage)
+            if meta.seal is None:
+                raise UsageError("the vault is not sealed", "not-sealed")
+            note.reason = f"sealed-since-{int(meta.seal[0])}"
+            storage.set_seal(None)
+            self._set_meta_seal(self._state(), meta, None)
+
+        self._run("unseal", None, None, body, writes=True)
+
+    def explain(self, actor: str, op: str, service: str | None) -> Explanation:
+        """What access control would do with a request, without making it (``policy test``).
+
+        Nothing is taken from any bucket; the token counts are as of now.
+        """
+        if op not in OPERATIONS:
+            raise UsageError(f"--op must be one of {', '.join(OPERATIONS)}")
+        if service is not None:
+            _check_name("service", service, allow_empty=False)
+        elif op not in ("admin", "list"):
+            raise UsageError(f"--service is needed for {op} (only admin and list are vault-wide)")
+        actor = validate_actor(actor)
+        config = self.config.access or AccessConfig()
+
+        def body(storage: SQLiteStorage, note: _Note) -> Explanation:
+            meta = self._meta(storage)
+            found = gate.decision(config, actor, op, service)
+            if op == "list" and service is None:
+                # As list does: no decision for the whole vault, a filter per service.
+                found = found._replace(allowed=True, reason=(
+                    "the whole-vault list is filtered: it shows each credential whose service "
+                    "this actor may both list and read"))
+            elif op == "list" and found.allowed:
+                # Naming a service's usernames leads to reading them: read is needed too.
+                found = gate.decision(config, actor, "read", service)
+            stored = {(b.rule, b.actor): b for b in meta.buckets}
+            limits = []
+            now = self._clock()
+            for m in limits_for(config.rate_limits, actor, op,
+                                gate.ALL_SERVICES if service is None else service):
+                row = stored.get((gate.bucket_rule(m.rule), actor))
+                bucket = tokens_now(None if row is None else Bucket(row.tokens, row.updated),
+                                    m.rule, now)
+                wait = 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / m.rule.rate
+                limits.append(LimitState(m.rule.describe(m.key[0]), bucket.tokens, wait))
+            return Explanation(actor, op, service, found.allowed, found.reason,
+                               self.config.access is None, limits, meta.seal)
+
+        return self._run("policy-test", None, None, body)
+
     def status(self) -> dict[str, Any]:
         """Facts about the vault for ``status``: no secret, no key material."""
 
@@ -272,7 +448,13 @@ class Store(Session):
                      "wrap_count": k.wrap_count, "versions": in_use.get(k.version, 0)}
                     for k in meta.keks]
             made = storage.last_event("init")
+            restored = storage.last_event("restore")
             return {"counts": storage.counts(), "keys": keks, "schema": storage.schema(),
+                    "sealed": None if meta.seal is None else {"since": meta.seal[0],
+                                                              "by": meta.seal[1]},
+                    "last_restore": None if restored is None else {
+                        "at": restored.ts_us / 1_000_000, "by": restored.actor,
+                        "reason": restored.reason, "event": restored.seq},
                     "active": meta.active, "epoch": meta.vault.generation,
                     "created_by": made.actor if made else None,
                     "created_implicitly": bool(made and (made.reason or "").endswith(
@@ -296,6 +478,8 @@ class Store(Session):
             "key_epoch": found["epoch"],
             "created_by": found["created_by"],
             "created_implicitly": found["created_implicitly"],
+            "sealed": found["sealed"],
+            "last_restore": found["last_restore"],
             **found["counts"],
             "warnings": self._warnings(),
         }
@@ -336,3 +520,38 @@ class Store(Session):
             if mode & 0o077:
                 found.append(f"{path} is accessible by group or others (mode {mode:04o})")
         return found + self._kdf_warnings()
+
+    # -- moving in (issue 14) ---------------------------------------------
+
+    def import_secret(self, service: str, username: str, secret: str | Secret, *,
+                      source: str, update: bool = False) -> tuple[str, int | None]:
+        """Store a credential read from another keyring; audited as ``import`` naming ``source``.
+
+        The write path of :meth:`set` (same checks, one write transaction,
+        a new version under the active KEK), deciding in the same
+        transaction whether the credential already exists: a live one is
+        left as it is (``"skipped"``) unless ``update``, which makes a new
+        version (``"updated"``); otherwise ``"imported"``. Returns the
+        outcome and the stored version (None when skipped).
+        """
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        _check_name("source", source, allow_empty=False)
+        if len(source) > 200 or not source.isprintable():
+            raise UsageError("source must be a short printable name")
+        data = _secret_bytes(secret)
+
+        def body(storage: SQLiteStorage, note: _Note) -> tuple[str, int | None]:
+            now = self._clock()
+            head = self._find(storage, service, username)
+            exists = head is not None and head.current_version is not None
+            if exists and not update:
+                note.reason = f"skipped, exists; from {source}"
+                return "skipped", None
+            if head is None:
+                head = storage.new_head(service, username, bucket_of(service), now)
+            note.reason = f"from {source}"
+            return ("updated" if exists else "imported",
+                    self._write_version(storage, head, data, now, note))
+
+        return self._run("import", service, username, body, writes=True)

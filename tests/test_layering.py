@@ -11,7 +11,7 @@ from pathlib import Path
 import keyring_hardened
 
 PACKAGE = Path(keyring_hardened.__file__).parent
-ADAPTERS = {"backend.py", "cli.py", "__main__.py"}
+ADAPTERS = {"backend.py", "cli.py", "__main__.py", "moving.py"}
 
 
 def _imports(path: Path) -> set[str]:

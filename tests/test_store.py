@@ -351,7 +351,7 @@ def test_kek_record_damage_is_integrity(store: Store, home: Path) -> None:
         blob = bytearray(conn.execute("SELECT wrapped FROM keks").fetchone()[0])
         blob[20] ^= 1
         conn.execute("UPDATE keks SET wrapped = ?", (bytes(blob),))
-    with pytest.raises(IntegrityError, match="key records"):
+    with pytest.raises(IntegrityError, match="vault-wide record"):
         Store.open(home)
 
 
