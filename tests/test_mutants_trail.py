@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from keyring_hardened import trail
+from keyring_hardened.audit import VerifyResult
 from keyring_hardened.config import Config
 from keyring_hardened.errors import ConfigError, IntegrityError, UsageError
 from keyring_hardened.store import Store
@@ -383,10 +384,11 @@ class _CutStorage:
         return [] if self._empty else self._storage.events(**kwargs)
 
 
-def _check_cut(store: Store, **cut: Any) -> trail.VerifyResult:
-    result: trail.VerifyResult = store._run(
+def _check_cut(store: Store, **cut: Any) -> VerifyResult:
+    result: VerifyResult = store._run(
         "audit-verify", None, None,
-        lambda storage, note: store.trail._check_table(_CutStorage(storage, **cut)))
+        lambda storage, note: store.trail._check_table(
+            _CutStorage(storage, **cut)))  # type: ignore[arg-type]
     return result
 
 
@@ -420,6 +422,9 @@ def test_rows_that_contradict_the_newest_event_fail_after_it(store: Store, home:
     finally:
         conn.close()
     head_seq, _ = store._storage.audit_head()
+    result = _check_cut(store)  # nothing cut: the rows alone contradict the trail
+    assert (result.ok, result.first_bad) == (False, head_seq + 1)
+    head_seq, _ = store._storage.audit_head()  # that check was audited too
     with pytest.raises(IntegrityError) as info:
         store.trail.verify()
     assert info.value.reason == f"audit-chain-{head_seq + 1}"
