@@ -65,6 +65,7 @@ def _globs_ok(glob: str) -> bool:
     ("[z-a]x", False),   # reversed, at the start of the glob
     ("[a][", False),     # an unclosed "[" right after a set
     ("[a][z-a]", False),  # a reversed range right after a set
+    ("a[^x]", False),    # "[^" is refused wherever it starts, not only at the start
 ])
 def test_glob_checks_follow_fnmatchs_own_bracket_scan(glob: str, ok: bool) -> None:
     assert _globs_ok(glob) is ok

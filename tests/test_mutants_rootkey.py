@@ -141,7 +141,6 @@ def test_vault_keys_derivations_follow_the_documented_labels() -> None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     past = _hkdf(b"keyring-hardened/v2/past-vault-keys")
     assert keys.past.seal(bytes(12), b"x", b"") == AESGCM(past).encrypt(bytes(12), b"x", b"")
-    assert repr(keys) == "VaultKeys(<hidden>)"
     keys.close()
     for buf in (keys._record_key, keys.audit_key, keys.identifier_key, keys._past_key):
         assert buf == bytearray(32)
@@ -244,3 +243,11 @@ def test_create_key_file_never_writes_through_a_link_at_its_temporary_name(
         rootkey.create_key_file(path)
     assert not elsewhere.exists()
     assert not path.exists()
+
+
+def test_vault_keys_repr_names_the_class_and_no_key() -> None:
+    keys = VaultKeys(bytearray(MATERIAL), VAULT_ID)
+    try:
+        assert repr(keys) == "VaultKeys(<hidden>)"
+    finally:
+        keys.close()
