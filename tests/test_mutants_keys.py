@@ -12,7 +12,7 @@ import pytest
 from keyring_hardened import envelope, keys
 from keyring_hardened._aead import Aead, random_bytes
 from keyring_hardened.envelope import Kek
-from keyring_hardened.errors import IntegrityError, LockedError, UsageError
+from keyring_hardened.errors import ConfigError, IntegrityError, LockedError, UsageError
 from keyring_hardened.location import Location
 from keyring_hardened.store import Store
 
@@ -364,3 +364,88 @@ def test_rewrap_crash_points_are_where_they_are_named(store: Store, home: Path,
         assert in_use[3] == (0 if point == "rewrap-mid-batch" else 1)
         assert s.get("svc", "a").reveal() == "one"
         assert s.get("svc", "b").reveal() == "two"
+
+
+def test_an_untrusted_rekey_journal_is_refused_by_name_and_left_alone(store: Store,
+                                                                     home: Path) -> None:
+    store.close()
+    target = home.parent / "elsewhere.json"
+    target.write_text(json.dumps({"from_generation": 0}))
+    (home / "rekey.json").symlink_to(target)
+    with pytest.raises(ConfigError, match=r"^rekey journal .* is a symbolic link"):
+        Store.open(home)
+    assert (home / "rekey.json").is_symlink()
+    assert target.exists()
+
+
+def test_listing_the_keys_is_audited_as_key_list(store: Store) -> None:
+    assert [k.version for k in store.keys.versions()] == [1]
+    assert store.trail.show(limit=1)[0].op == "key-list"
+
+
+REKEY = """
+import sys
+from keyring_hardened.store import Store
+with Store.open(sys.argv[1]) as s:
+    s.keys.rekey()
+"""
+
+
+@pytest.mark.parametrize("point", ["rekey-before-commit", "rekey-after-commit",
+                                   "rekey-after-rename"])
+def test_a_rekey_writes_its_journal_first_and_dies_where_its_crash_points_say(
+        store: Store, home: Path, point: str) -> None:
+    import subprocess
+    import sys
+    import time
+
+    store.keys.rekey()  # in-process too: ties this test to the rekey for mutmut
+    store.close()
+    env = {**os.environ, "KEYRING_HARDENED_CRASH_AT": point}
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", REKEY, str(home)], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == -9, done.stderr  # died at the named point
+    journal = home / "rekey.json"
+    assert (journal.stat().st_mode & 0o777) == 0o600
+    doc = json.loads(journal.read_text("utf-8"))
+    assert started <= doc.pop("started_at") <= time.time()
+    assert doc == {"from_generation": 2, "from": "key file", "to": "key file"}
+    # the new key file is renamed into place after the commit, before the last point
+    assert (home / "master.key.new").exists() is (point != "rekey-after-rename")
+    with Store.open(home) as s:
+        committed = point != "rekey-before-commit"
+        assert ("had completed" if committed else "had not taken effect") in s.notices[0]
+        assert s._vault.generation == (3 if committed else 2)
+    assert not journal.exists()
+
+
+def test_a_rekey_rewraps_every_kek_after_a_retired_one(store: Store, home: Path) -> None:
+    store.set("svc", "old", "one")
+    store.keys.rotate()
+    store.set("svc", "new", "two")
+    store.keys.rewrap()
+    assert store.keys.retire(2) == [1]  # version 1 has no wrapped key any more
+    store.keys.rekey()
+    store.close()
+    with Store.open(home) as s:
+        assert s.get("svc", "old").reveal() == "one"
+        assert s.get("svc", "new").reveal() == "two"
+
+
+def test_a_rekey_adds_its_kek_without_a_rotate_event_of_its_own(store: Store) -> None:
+    store.keys.rekey()
+    assert store.trail.show(op="key-rotate") == []
+    event = store.trail.show(op="key-rekey")[0]
+    assert (event.key_version, event.reason) == (2, "key-file-to-key-file")
+    assert store.trail.verify().ok
+
+
+def test_a_rekey_to_a_passphrase_when_the_key_file_is_already_gone(home: Path) -> None:
+    with Store.init(home, config=FAST_KDF) as s:
+        s.set("svc", "u", "x")
+        (home / "master.key").unlink()  # removed by hand while the vault was open
+        s.keys.rekey(to="passphrase", passphrase=PASSPHRASE)
+        assert s.mode == "passphrase"
+    with Store.open(home, passphrase=PASSPHRASE, config=FAST_KDF) as s:
+        assert s.get("svc", "u").reveal() == "x"

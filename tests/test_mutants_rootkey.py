@@ -127,7 +127,7 @@ def test_root_key_derivations_follow_the_documented_labels() -> None:
     root.close()
     assert root._wrap_key == bytearray(32)
     assert root._verifier_key == bytearray(32)
-    assert "hidden" in repr(root)
+    assert repr(root) == "RootKey(<hidden>)"  # the class's name, and no key material
 
 
 def test_vault_keys_derivations_follow_the_documented_labels() -> None:
@@ -218,3 +218,36 @@ def test_create_key_file_is_0600_whatever_the_umask_and_never_overwrites(
     other = tmp_path / "other"
     assert rootkey.create_key_file(other)
     assert other.read_bytes() != first
+
+
+def test_a_passphrase_with_a_lone_surrogate_derives_from_its_surrogatepass_bytes() -> None:
+    # A passphrase read from non-UTF-8 input (surrogateescape) still derives a key,
+    # from the same bytes on every system.
+    passphrase = "caf\udce9 au lait"
+    params = KdfParams("pbkdf2-sha256", SALT, iterations=600_000)
+    assert rootkey.derive_from_passphrase(params, passphrase) == hashlib.pbkdf2_hmac(
+        "sha256", passphrase.encode("utf-8", "surrogatepass"), SALT, 600_000, 32)
+
+
+def test_create_key_file_never_writes_through_a_link_at_its_temporary_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyring_hardened import _aead
+    from keyring_hardened.errors import StorageError
+
+    real = _aead.random_bytes
+    monkeypatch.setattr(_aead, "random_bytes", lambda n: bytes(n) if n == 8 else real(n))
+    path = tmp_path / "master.key"
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / f".master.key.{bytes(8).hex()}.tmp").symlink_to(elsewhere)
+    with pytest.raises(StorageError):
+        rootkey.create_key_file(path)
+    assert not elsewhere.exists()
+    assert not path.exists()
+
+
+def test_vault_keys_repr_names_the_class_and_no_key() -> None:
+    keys = VaultKeys(bytearray(MATERIAL), VAULT_ID)
+    try:
+        assert repr(keys) == "VaultKeys(<hidden>)"
+    finally:
+        keys.close()

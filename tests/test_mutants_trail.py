@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from keyring_hardened import trail
+from keyring_hardened.audit import VerifyResult
 from keyring_hardened.config import Config
-from keyring_hardened.errors import IntegrityError, UsageError
+from keyring_hardened.errors import ConfigError, IntegrityError, UsageError
 from keyring_hardened.store import Store
 
 FIELDS = ("format", "vault_id", "anchor_seq", "anchor_mac", "last_seq", "last_mac", "count",
@@ -328,3 +329,131 @@ def test_a_checkpoint_against_an_empty_file_says_the_file_ends_at_its_anchor(
     with pytest.raises(IntegrityError, match="chain ends at 0 ") as info:
         store.trail.verify_file(path, cp)
     assert info.value.reason == "audit-truncated"
+
+
+def test_checkpoint_to_a_file_writes_the_document_it_returns(store: Store,
+                                                             tmp_path: Path) -> None:
+    store.set("svc", "alice", "one")
+    path = tmp_path / "checkpoint.json"
+    cp = store.trail.checkpoint(path)
+    assert json.loads(path.read_text("utf-8")) == cp
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert store.trail.verify(json.loads(path.read_text("utf-8"))).ok
+
+
+def test_an_audit_file_may_be_larger_than_a_small_trusted_file(
+        store: Store, exported: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    # Exports and archives are read up to AUDIT_FILE_LIMIT (1 GiB), not the 1 MiB
+    # limit of config and key files: a line padded past 1 MiB still reads.
+    path, docs = exported
+    lines = path.read_text("utf-8").splitlines()
+    padded = tmp_path / "padded.jsonl"
+    padded.write_text("\n".join([lines[0], " " * (1 << 20) + lines[1], *lines[2:]]) + "\n",
+                      "utf-8")
+    assert padded.stat().st_size > 1 << 20
+    header, events = trail.read_jsonl(padded)
+    assert header == docs[0]
+    assert [e.seq for e in events] == [d["seq"] for d in docs[1:]]
+    assert store.trail.verify_file(padded).ok
+
+
+def test_an_audit_file_reached_through_a_link_is_refused_by_name(
+        exported: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    path, _ = exported
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    with pytest.raises(ConfigError, match=r"^audit file .* is a symbolic link"):
+        trail.read_jsonl(link)
+
+
+class _CutStorage:
+    """The vault's storage as a cut trail would show it (store.open refuses such a
+    vault before any operation, so the trail's own checks are driven directly)."""
+
+    def __init__(self, storage: Any, anchor: tuple[int, bytes] | None = None,
+                 empty: bool = False) -> None:
+        self._storage, self._anchor, self._empty = storage, anchor, empty
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def audit_anchor(self) -> tuple[int, bytes]:
+        return self._anchor or self._storage.audit_anchor()
+
+    def events(self, **kwargs: Any) -> Any:
+        return [] if self._empty else self._storage.events(**kwargs)
+
+
+def _check_cut(store: Store, **cut: Any) -> VerifyResult:
+    result: VerifyResult = store._run(
+        "audit-verify", None, None,
+        lambda storage, note: store.trail._check_table(
+            _CutStorage(storage, **cut)))  # type: ignore[arg-type]
+    return result
+
+
+def test_an_emptied_trail_fails_at_the_event_after_the_anchor(store: Store) -> None:
+    store.set("svc", "a", "1")
+    assert _check_cut(store).ok is True  # the trail as it is verifies
+    result = _check_cut(store, empty=True)
+    assert (result.ok, result.first_bad) == (False, 1)
+    assert result.problem == ("the trail is empty although the vault exists "
+                              "(its events were removed)")
+
+
+def test_events_cut_before_the_anchor_without_a_prune_fail_after_the_anchor(
+        store: Store) -> None:
+    for value in ("1", "2", "3"):
+        store.set("svc", "a", value)
+    second = sorted(store.trail.show(), key=lambda e: e.seq)[1]
+    result = _check_cut(store, anchor=(second.seq, second.mac))
+    assert (result.ok, result.first_bad) == (False, second.seq + 1)
+    assert result.problem == f"events 1 to {second.seq} were removed without a recorded prune"
+
+
+def test_rows_that_contradict_the_newest_event_fail_after_it(store: Store, home: Path) -> None:
+    import sqlite3
+
+    store.set("svc", "a", "1")
+    store.set("svc", "a", "2")
+    conn = sqlite3.connect(home / "vault.db", isolation_level=None)
+    try:
+        conn.execute("UPDATE secret_versions SET created_at = created_at + 1 WHERE version = 1")
+    finally:
+        conn.close()
+    head_seq, _ = store._storage.audit_head()
+    result = _check_cut(store)  # nothing cut: the rows alone contradict the trail
+    assert (result.ok, result.first_bad) == (False, head_seq + 1)
+    head_seq, _ = store._storage.audit_head()  # that check was audited too
+    with pytest.raises(IntegrityError) as info:
+        store.trail.verify()
+    assert info.value.reason == f"audit-chain-{head_seq + 1}"
+    assert "the vault's rows do not match the state its newest event records" in str(
+        info.value)
+
+
+def test_a_verify_against_a_checkpoint_is_audited_with_its_seq(store: Store) -> None:
+    store.set("svc", "a", "1")
+    cp = store.trail.checkpoint()
+    store.set("svc", "a", "2")
+    assert store.trail.verify(cp).ok
+    event = store.trail.show(limit=1)[0]
+    assert (event.op, event.reason) == ("audit-verify", f"checkpoint-{cp['seq']}")
+
+
+def test_show_since_is_exact_to_the_microsecond(home: Path) -> None:
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:  # init at 1_000_000.0
+        now[0] = 1_000_000.5
+        s.set("svc", "u", "x")
+        assert [e.op for e in s.trail.show(since=1_000_000.25)] == ["write"]
+        assert [e.op for e in s.trail.show(since=1_000_000.5)][-1] == "write"
+        assert s.trail.show(since=1_000_000.500001, op="write") == []
+
+
+def test_show_without_a_service_filter_lists_every_event_with_hmac_identifiers(
+        home: Path) -> None:
+    with Store.init(home, config=Config(audit_hmac_identifiers=True)) as s:
+        s.set("svc", "alice", "v")
+        assert [e.op for e in s.trail.show(op="write")] == ["write"]
+        assert len(s.trail.show()) >= 2  # init and the write, whatever their services
