@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from keyring_hardened.errors import HardenedError
-from keyring_hardened.storage import BucketRow, SQLiteStorage
+from keyring_hardened.storage import BucketRow, KekRecord, SQLiteStorage
 from keyring_hardened.store import Store
 
 CALLS: list[tuple[str, Callable[[SQLiteStorage], Any]]] = [
@@ -52,6 +52,25 @@ CALLS: list[tuple[str, Callable[[SQLiteStorage], Any]]] = [
     ("has_pending", lambda s: s.has_pending()),
     ("take_pending", lambda s: s.take_pending(1)),
     ("add_pending", lambda s: s.add_pending(1, "a", "unlock", "locked", None)),
+    ("keks", lambda s: s.keks()),
+    ("add_kek", lambda s: s.add_kek(KekRecord(9, "active", 1.0, b"x", 0))),
+    ("set_kek_wrapped", lambda s: s.set_kek_wrapped(1, b"x")),
+    ("past_keys", lambda s: s.past_keys()),
+    ("set_past_keys", lambda s: s.set_past_keys([(1, b"x")])),
+    ("under_keks_below", lambda s: s.under_keks_below(2)),
+    ("rewrap_candidates", lambda s: s.rewrap_candidates(2, 10)),
+    ("set_wrapped_keys", lambda s: s.set_wrapped_keys([(1, b"x", b"d", 1, 1)])),
+    ("set_versions_digests", lambda s: s.set_versions_digests([(b"d", 1)])),
+    ("new_head", lambda s: s.new_head("s", "u", 1, 1.0)),
+    ("update_head", lambda s: s.update_head(1, 1, 1, 1.0, None, b"d")),
+    ("set_root", lambda s: s.set_root("{}", b"v", b"k", 2)),
+    ("fill_state_columns", lambda s: s.fill_state_columns([(1, b"d", 1)], [(b"d", 1, 1)])),
+    ("prune", lambda s: s.prune(1, 1)),
+    ("clear_nodes", lambda s: s.clear_nodes()),
+    ("audit_head", lambda s: s.audit_head()),
+    ("drop_events_through", lambda s: s.drop_events_through(1, b"m")),
+    ("checkpoint", lambda s: s.checkpoint()),
+    ("use_wal", lambda s: s.use_wal()),
     ("savepoint", lambda s: s.savepoint()),
     ("transaction", lambda s: s.transaction().__enter__()),
     ("snapshot", lambda s: s.snapshot().__enter__()),
