@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -343,6 +344,7 @@ def test_the_agent_is_not_dumpable(tmp_path: Path) -> None:
     assert as_other([sys.executable, "-m", "keyring_hardened", "init"], env).returncode == 0
     started = as_other([sys.executable, "-m", "keyring_hardened", "agent", "start"], env)
     assert started.returncode == 0, started.stderr
+    pid = 0
     try:
         status = as_other([sys.executable, "-m", "keyring_hardened", "agent", "status",
                            "--json"], env)
@@ -358,6 +360,9 @@ def test_the_agent_is_not_dumpable(tmp_path: Path) -> None:
         assert core.split()[4:6] == ["0", "0"]
     finally:
         as_other([sys.executable, "-m", "keyring_hardened", "agent", "stop"], env)
+        if pid:  # never leave an agent behind, even when stop could not reach it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_program_names_from_the_kernel() -> None:
