@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import gate
 from ._files import fsync_dir
 from ._seams import crash_point
 from .errors import ConfigError, HardenedError, StorageError, UsageError
@@ -50,27 +51,6 @@ __all__ = ["BackupReport", "RestoreReport", "backup", "restore"]
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def _authorize_admin(store: Session, op: str) -> None:
-    """Refuse ``op`` (import, backup, restore) up front unless the actor has ``admin``.
-
-    Every request made afterwards passes the door again (gate.admit, audited
-    there); this early check only spares a denied actor a half-done run.
-    A denial is sent through that door too, so it is audited like any other.
-    """
-    from . import gate
-
-    config = store.config.access
-    if config is None:
-        return
-    if not gate.decision(config, store.subject, "admin", None).allowed:
-        store._run(op, None, None, _nothing)  # raises DeniedError, audited
-        raise RuntimeError("the door let a denied admin request in")  # pragma: no cover
-
-
-def _nothing(storage: SQLiteStorage, note: Any) -> None:
-    """An operation that does nothing: only the door's check and its audit event."""
 
 
 @dataclass
@@ -241,7 +221,7 @@ def backup(store: Session, target: Path) -> BackupReport:
     """
     from .store import Store
 
-    _authorize_admin(store, "backup")
+    gate.require_admin(store, "backup")
     _check_target(target, store.location)
     home = store.location.home
     staged = home / f".backup.{secrets.token_hex(8)}.tmp"
@@ -255,7 +235,7 @@ def backup(store: Session, target: Path) -> BackupReport:
             try:
                 facts = copy._check_copy()
             finally:
-                copy._close_copy()
+                copy.close()
         except HardenedError as exc:
             failure = exc
 
@@ -386,7 +366,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
         copy = Store._open_copy(keyed, cfg, staged, passphrase=passphrase, prompt=prompt,
                                 clock=clock, actor=actor)
         try:
-            _authorize_admin(copy, "restore")
+            gate.require_admin(copy, "restore")
             facts = copy._check_copy()
             if os.path.lexists(database):
                 try:
@@ -426,7 +406,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
                 f"replaced-head {live.head[0]}" if live is not None else "no-vault") if part)
             copy._record_restore(reason, live.key_version if live is not None else 0)
         finally:
-            copy._close_copy()
+            copy.close()
         now = clock()
         replaced: Path | None = None
         if live is not None:

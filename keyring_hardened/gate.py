@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .access import (
     AccessConfig,
@@ -144,6 +144,24 @@ def denied(actor: str, access: str, service: str | None, found: Decision) -> Den
     why = found.reason if found.rule is None else f"policies[{found.rule}] denies {access}"
     return DeniedError(f"access denied: actor {actor!r} may not {access} "
                        f"{describe_service(service)} ({why})", "denied")
+
+
+def require_admin(session: Session, op: str) -> None:
+    """Refuse ``op`` before any work unless the session's subject has ``admin``.
+
+    For commands that do work outside one operation (import, backup,
+    restore, unseal's proof): the refusal goes through the door as ``op``,
+    so it is audited like any other; every later request passes it again.
+    """
+    config = session.config.access
+    if config is None or decision(config, session.subject, "admin", None).allowed:
+        return
+    session._run(op, None, None, nothing)  # raises DeniedError, audited
+    raise RuntimeError("the door let a denied admin request in")  # pragma: no cover
+
+
+def nothing(storage: SQLiteStorage, note: Any) -> None:
+    """An operation that does nothing: only the door's check and its audit event."""
 
 
 def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .backup import _authorize_admin
+from . import gate
 from .errors import ConfigError, HardenedError, UsageError
 from .store import Store
 
@@ -375,7 +375,7 @@ def import_entries(store: Store, kr: Any, entries: Iterable[Entry], *, source: s
     """
     if delete_source and dry_run:
         raise UsageError("--delete-source and --dry-run exclude each other")
-    _authorize_admin(store, "import")
+    gate.require_admin(store, "import")
     todo = list(entries)
     report = ImportReport(source, dry_run)
     existing = {(c.service, c.username) for c in store.credentials()} if dry_run else set()

@@ -1453,7 +1453,8 @@ class Session:
             for kek in self._keks.values():
                 kek.wipe()
             self._keks.clear()
-            self._root.close()
+            if not self._borrowed_root:  # a copy's borrowed root key stays with its owner
+                self._root.close()
             self._vkeys.close()
             if self._ident_key is not None:
                 for i in range(len(self._ident_key)):
@@ -1525,7 +1526,7 @@ class Session:
                 finally:
                     store._tx = None
         except BaseException:
-            store._close_copy()
+            store.close()
             raise
         return store
 
@@ -1591,21 +1592,6 @@ class Session:
             note.key_version = live_key_version + 1
 
         self._run("restore", None, None, body, writes=True)
-
-    def _close_copy(self) -> None:
-        """Close a copy; a borrowed root key is left to the session that owns it."""
-        with self._lock:
-            if not self._borrowed_root:
-                self.close()
-                return
-            if self._closed:
-                return
-            self._closed = True
-            for kek in self._keks.values():
-                kek.wipe()
-            self._keks.clear()
-            self._vkeys.close()
-            self._storage.close()
 
 
 def _valid_actor(actor: str) -> bool:

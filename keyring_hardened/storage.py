@@ -398,6 +398,11 @@ class SQLiteStorage:
         """
         _check_header(path)
         _check_companions(path)
+        return cls._connected(path, synchronous, busy_timeout)
+
+    @classmethod
+    def _connected(cls, path: Path, synchronous: str, busy_timeout: float) -> SQLiteStorage:
+        """Connect to a checked file, then check its identity and apply pending migrations."""
         try:
             conn = cls._connect(path, synchronous, busy_timeout)
         except sqlite3.Error as exc:
@@ -1139,20 +1144,7 @@ class SQLiteStorage:
             _check_companions(path)
         except ConfigError as exc:
             raise IntegrityError(str(exc), "copy-companion") from None
-        try:
-            conn = cls._connect(path, synchronous, busy_timeout)
-        except sqlite3.Error as exc:
-            raise _translate(exc, path) from None
-        store = cls(path, conn, busy_timeout)
-        try:
-            store._check_and_migrate()
-        except sqlite3.Error as exc:
-            conn.close()
-            raise _translate(exc, path) from None
-        except BaseException:
-            conn.close()
-            raise
-        return store
+        return cls._connected(path, synchronous, busy_timeout)
 
     def use_wal(self) -> None:
         """Switch this (private, unshared) database to WAL, as every live vault is."""

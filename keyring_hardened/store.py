@@ -47,10 +47,6 @@ class CredentialInfo(NamedTuple):
     updated_at: float
 
 
-def _nothing(storage: SQLiteStorage, note: _Note) -> None:
-    """An operation that does nothing: only the door's check and its audit event."""
-
-
 class LimitState(NamedTuple):
     """A rate limit that applies to a request, and its bucket as of now."""
 
@@ -368,11 +364,9 @@ class Store(Session):
         A wrong proof is audited, counts in the unlock throttle, and raises
         :class:`LockedError`.
         """
-        config = self.config.access
-        if config is not None and not gate.decision(config, self.subject, "admin", None).allowed:
-            # Refused before any proof is tried: a wrong proof from an actor
-            # that may not unseal must not count against everyone's unlocks.
-            self._run("unseal", None, None, _nothing)
+        # Refused before any proof is tried: a wrong proof from an actor that
+        # may not unseal must not count against everyone's unlocks.
+        gate.require_admin(self, "unseal")
         with self._guard() as storage:
             attempt = _throttle(storage, self._clock, self._kdf.uses_passphrase)
         try:
