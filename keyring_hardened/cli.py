@@ -489,7 +489,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
             outcomes = store.refresh_due()
     failed = 0
     for o in outcomes:
-        label = f"service {_shown(o.service)}, user {_shown(o.username)}"
+        label = f"service {o.service!r}, user {o.username!r}"
         if o.result == "refreshed":
             print(f"{label}: refreshed (version {o.version})")
         elif o.result in ("failed", "waited-failed", "timed-out"):

@@ -68,7 +68,7 @@ from .errors import (
 from .secret import Secret
 
 if TYPE_CHECKING:
-    from .session import _Note
+    from .session import Session, _Note
     from .storage import HeadRow, SQLiteStorage
     from .store import Store
 
@@ -155,8 +155,12 @@ class RefreshSpec(NamedTuple):
         """Pieces of the spec that must never appear in a summary (tokens in arguments)."""
         found: list[str] = []
         for arg in [*self.argv[1:], *([self.argument] if self.argument else [])]:
+            # The argument, its option values (--token=T, user:T), and any long
+            # word inside it (a token inside an inline script): a stderr line
+            # that repeats any of them loses it. Over-redaction is the safe side.
             found.append(arg)
-            found.extend(re.split(r"[=:,]", arg))
+            found.extend(p for p in re.split(r"[=:,]", arg) if len(p) >= 4)
+            found.extend(p for p in re.split(r"[\s=:,;'\"()\[\]{}<>|&]+", arg) if len(p) >= 8)
         return [p for p in found if len(p) >= 4]
 
 
@@ -257,7 +261,7 @@ def plugin_spec(text: str, what: str = "--refresher") -> RefreshSpec:
     return RefreshSpec("python", (), name, argument if sep else None)
 
 
-def seal_spec(store: Store, storage: SQLiteStorage, service: str, username: str,
+def seal_spec(store: Session, storage: SQLiteStorage, service: str, username: str,
               spec: RefreshSpec, ahead: float | None) -> RefreshState:
     """Seal a spec under the active KEK (inside an operation's transaction); no failure."""
     active = store._meta(storage).active
@@ -271,7 +275,7 @@ def seal_spec(store: Store, storage: SQLiteStorage, service: str, username: str,
                         sealed.ciphertext)
 
 
-def open_spec(store: Store, head: HeadRow, state: RefreshState) -> RefreshSpec:
+def open_spec(store: Session, head: HeadRow, state: RefreshState) -> RefreshSpec:
     """Decrypt a checked head's spec; one opaque integrity error for any failure."""
     place = Place(store._vault.vault_id, head.service, head.username, SPEC_SLOT)
     try:
@@ -282,6 +286,48 @@ def open_spec(store: Store, head: HeadRow, state: RefreshState) -> RefreshSpec:
     except (DecryptFailed, IntegrityError, ValueError, KeyError, TypeError):
         raise IntegrityError(f"service {head.service!r}, user {head.username!r}: the "
                              "refresher's integrity check failed", "refresh-spec") from None
+
+
+def specs_below(storage: SQLiteStorage, below: int) -> int:
+    """How many refresher specs are sealed under a KEK version below ``below`` (retire)."""
+    found = 0
+    for row in storage.refresh_hints():
+        blob = row[5]
+        if isinstance(blob, bytes) and decode_state(blob).kek_version < below:
+            found += 1
+    return found
+
+
+def rewrap_specs(store: Session) -> int:
+    """Re-seal every refresher spec under an older KEK with the active one (``key rewrap``).
+
+    One audited ``key-rewrap`` transaction; each head is checked against the
+    state root before its spec is opened. Returns how many moved.
+    """
+
+    def body(storage: SQLiteStorage, note: _Note) -> int:
+        active = store._meta(storage).active.version
+        moved = 0
+        for _id, service, username, _cur, _exp, blob in storage.refresh_hints():
+            if not (isinstance(blob, bytes) and isinstance(service, str)
+                    and isinstance(username, str)) or decode_state(blob).kek_version >= active:
+                continue
+            head = store._existing(storage, service, username)
+            state = state_of(head)
+            if state is None or state.kek_version >= active:
+                continue
+            new = seal_spec(store, storage, service, username, open_spec(store, head, state),
+                            state.ahead)
+            storage.set_refresh(head.id, new._replace(failure=state.failure,
+                                                      failed_at=state.failed_at,
+                                                      failures=state.failures).encode())
+            store._touch(service)
+            moved += 1
+        note.key_version = active
+        note.reason = f"rewrapped-refreshers-{moved}"
+        return moved
+
+    return store._run("key-rewrap", None, None, body, writes=True)
 
 
 # -- running refreshers --------------------------------------------------------
@@ -746,6 +792,7 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
     except BaseException:
         _drop_lease(store, head_id, token)
         raise
+    crash_point("refresh-before-write")
     return _finish(store, service, username, started, token, value, failure)
 
 
