@@ -492,7 +492,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         label = f"service {o.service!r}, user {o.username!r}"
         if o.result == "refreshed":
             print(f"{label}: refreshed (version {o.version})")
-        elif o.result in ("failed", "waited-failed", "timed-out"):
+        elif o.result in ("failed", "waited-failed", "timed-out", "backoff"):
             failed += 1
             why = o.summary or ("another process's refresh failed" if o.result == "waited-failed"
                                 else "another process is still refreshing it")

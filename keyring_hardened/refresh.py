@@ -107,6 +107,11 @@ _STDERR_KEPT = 4096
 #: A failure summary is cut to this many characters.
 SUMMARY_CHARS = 200
 _FORMAT = 1
+#: After a failed refresh, reads and ``refresh --due`` wait before the next
+#: attempt: 5 s, doubling with each failure in a row, at most 5 min. A failing
+#: refresher is not run again by every read (``refresh SERVICE USER`` is).
+RETRY_BASE = 5.0
+RETRY_MAX = 300.0
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 #: Variables a refresh command always gets from the caller, if set.
 BASE_ENV = ("PATH", "HOME", "LANG")
@@ -208,6 +213,13 @@ def decode_state(blob: bytes) -> RefreshState:
         raise IntegrityError("a credential's refresh record is damaged (tampered?)",
                              "refresh-record") from None
     return state
+
+
+def retry_at(state: RefreshState) -> float | None:
+    """When a failing refresher may run again on its own, or None if it is not failing."""
+    if state.failed_at is None or state.failures <= 0:
+        return None
+    return state.failed_at + min(RETRY_MAX, RETRY_BASE * 2.0 ** min(state.failures - 1, 16))
 
 
 def state_of(head: HeadRow) -> RefreshState | None:
@@ -579,7 +591,8 @@ class Outcome(NamedTuple):
     service: str
     username: str
     #: refreshed, failed, not-due, held (another runner), changed (a newer version
-    #: exists), superseded (our value was discarded), waited-failed, timed-out.
+    #: exists), superseded (our value was discarded), waited-failed, timed-out,
+    #: backoff (failing: not retried yet).
     result: str
     version: int | None = None
     summary: str | None = None
@@ -591,6 +604,10 @@ class _Started(NamedTuple):
     spec: RefreshSpec
     ttl: float | None
     expires_at: float | None
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _longest(store: Store) -> float:
@@ -647,16 +664,16 @@ def _wait(store: Store, head_id: int, base: int, token: bytes, deadline: float) 
 
 
 def _start(store: Store, service: str, username: str, head_id: int, base: int,
-           token: bytes, force: bool) -> _Started | str:
+           token: bytes, force: bool) -> _Started | Outcome:
     """The audited start: the door (a write), the lease still ours, due, the spec opened."""
 
-    def body(storage: SQLiteStorage, note: _Note) -> _Started | str:
+    def body(storage: SQLiteStorage, note: _Note) -> _Started | Outcome:
         head = store._existing(storage, service, username)
         lease = storage.lease(head.id)
         if head.id != head_id or head.current_version != base or lease is None \
                 or lease[1] != token:
             note.reason = "not-started; changed"
-            return "changed"
+            return Outcome(service, username, "changed")
         state = state_of(head)
         if state is None:
             raise UsageError(f"no refresher is configured for service {service!r}, user "
@@ -664,7 +681,13 @@ def _start(store: Store, service: str, username: str, head_id: int, base: int,
         now = store._clock()
         if not force and not _due(head.expires_at, state, now):
             note.reason = "not-started; not due"
-            return "not-due"
+            return Outcome(service, username, "not-due")
+        again = retry_at(state)
+        if not force and again is not None and now < again:
+            note.reason = "not-started; failing, retried later"
+            return Outcome(service, username, "backoff", None,
+                           f"the last refresh failed ({state.failure}); the next attempt is "
+                           f"after {_utc(again)}")
         row = next((store._checked(head, r) for r in store._versions(storage, head)
                     if r.version == base), None)
         if row is None:
@@ -781,7 +804,7 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
         raise
     if not isinstance(started, _Started):
         _drop_lease(store, head_id, token)
-        return Outcome(service, username, started)
+        return started
     crash_point("refresh-running")
     # No transaction is open while the refresher runs (it may take 30 s).
     try:

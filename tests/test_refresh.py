@@ -27,7 +27,7 @@ from keyring_hardened.errors import (
     UsageError,
 )
 from keyring_hardened.refresh import RefreshContext, command_spec, lease_decision, plugin_spec
-from keyring_hardened.store import KEEP, Store
+from keyring_hardened.store import Store
 
 from .conftest import CANARY
 
@@ -134,9 +134,23 @@ def test_refresh_ahead_failure_warns_keeps_the_value_then_exit_7_with_the_summar
     with caplog.at_level(logging.WARNING, logger="keyring_hardened"):
         assert store.get("svc", "u").reveal() == CANARY
     assert "failed (exit 3: backend unreachable); the current value is used" in caplog.text
-    assert store.notices and "exit 3: backend unreachable" in store.notices[-1]
-    assert store.get("svc", "u").reveal() == CANARY  # each read in the window tries again
+    assert store.notices
+    assert "exit 3: backend unreachable" in store.notices[-1]
+    # A failing refresher is retried after 5 s, doubling with each failure in a row.
+    assert store.get("svc", "u").reveal() == CANARY
+    assert runs(tmp_path) == 1
+    clock.now += 5
+    assert store.get("svc", "u").reveal() == CANARY
     assert runs(tmp_path) == 2
+    clock.now += 9
+    assert store.get("svc", "u").reveal() == CANARY
+    assert runs(tmp_path) == 2
+    clock.now += 1
+    assert store.get("svc", "u").reveal() == CANARY
+    assert runs(tmp_path) == 3
+    assert store.refresh_due()[0].result == "backoff"
+    assert store.refresh("svc", "u").result == "failed"  # by hand: no wait
+    assert runs(tmp_path) == 4
     info = store.credentials()[0]
     assert (info.refresher, info.refresh_failure) == ("command", "exit 3: backend unreachable")
     assert store.status()["refresh"] == {"refreshers": 1, "expired": 0, "expiring": 1,
@@ -145,6 +159,7 @@ def test_refresh_ahead_failure_warns_keeps_the_value_then_exit_7_with_the_summar
     with pytest.raises(ExpiredError) as caught:
         store.get("svc", "u")
     assert "the refresh failed (exit 3: backend unreachable)" in str(caught.value)
+    assert runs(tmp_path) == 5
     assert store.history("svc", "u")[0].version == 1  # the old value is intact
     assert store.status()["refresh"]["expired"] == 1
 
@@ -357,10 +372,12 @@ def test_start_refuses_a_lease_that_is_not_ours_and_what_is_not_due(
         store: Store, clock: Clock, tmp_path: Path, home: Path) -> None:
     store.set("svc", "u", "old", ttl=60, refresher=counting(tmp_path))
     head_id = _head_id(home)
-    assert refresh._start(store, "svc", "u", head_id, 1, b"x" * 16, force=False) == "changed"
+    assert refresh._start(store, "svc", "u", head_id, 1, b"x" * 16, force=False) \
+        == refresh.Outcome("svc", "u", "changed")
     assert refresh._take_lease(store, head_id, 1, b"t" * 16) == "ours"
     assert refresh._take_lease(store, head_id, 1, b"s" * 16) == "held"
-    assert refresh._start(store, "svc", "u", head_id, 1, b"t" * 16, force=False) == "not-due"
+    assert refresh._start(store, "svc", "u", head_id, 1, b"t" * 16, force=False) \
+        == refresh.Outcome("svc", "u", "not-due")
     assert refresh.refresh_one(store, "svc", "u", head_id, 1, wait=False).result == "held"
 
 
@@ -493,7 +510,8 @@ def test_the_generate_refresher(store: Store, clock: Clock) -> None:
     store.set("svc", "u", "old", ttl=60, refresher=plugin_spec("generate:48"))
     clock.now += 60
     first = store.get("svc", "u").reveal()
-    assert len(first) == 64 and first != "old"
+    assert len(first) == 64
+    assert first != "old"
     assert store.refresh("svc", "u").result == "refreshed"
     assert store.get("svc", "u").reveal() not in (first, "old")
     store.ttl("svc", "u", refresher=plugin_spec("generate:7"))
@@ -605,7 +623,7 @@ def test_a_reader_that_may_not_write_does_not_start_a_refresher(
         s.set("svc", "u", "old", ttl=60, refresher=counting(tmp_path))
     clock.now += 60
     with Store.open(home, config=config, actor="reader", clock=clock) as s:
-        with pytest.raises(ExpiredError, match="the refresher was not run: .*denied"):
+        with pytest.raises(ExpiredError, match=r"the refresher was not run: .*denied"):
             s.get("svc", "u")
         with pytest.raises(DeniedError):
             s.refresh("svc", "u")
@@ -720,3 +738,25 @@ def test_specs_follow_key_rotation_and_block_retire_until_rewrapped(
     assert store.keys.retire(below=2) == [1]
     assert store.refresh("svc", "w").result == "refreshed"
     store.trail.verify()
+
+
+def test_retry_schedule() -> None:
+    state = refresh.RefreshState("command", None, 1, b"", b"")
+    assert refresh.retry_at(state) is None
+    after = [refresh.retry_at(state._replace(failure="x", failed_at=100.0, failures=n))
+             for n in (1, 2, 3, 7, 8, 100)]
+    assert after == [105.0, 110.0, 120.0, 400.0, 400.0, 400.0]
+
+
+def test_a_garbled_record_is_skipped_as_a_hint_and_refused_when_checked(
+        store: Store, clock: Clock, tmp_path: Path, home: Path) -> None:
+    store.set("svc", "u", "old", ttl=60, refresher=counting(tmp_path))
+    _edit(home, "UPDATE credentials SET refresh = X'7b7d'")
+    assert store.status()["refresh"]["refreshers"] == 1
+    with pytest.raises(IntegrityError):
+        store.refresh_due()
+    with pytest.raises(IntegrityError, match="refresh record is damaged"):
+        refresh.decode_state(b"{}")
+    with pytest.raises(IntegrityError, match="refresh record is damaged"):
+        refresh.decode_state(json.dumps({"v": 2, "kind": "command"}).encode())
+    assert runs(tmp_path) == 0

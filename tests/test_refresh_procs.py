@@ -104,6 +104,28 @@ def test_eight_get_processes_run_the_refresher_once(home: Path, tmp_path: Path) 
     del refreshes
 
 
+def test_eight_readers_of_a_failing_refresher_run_it_once(home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "failing.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        with open({str(tmp_path / 'runs')!r}, "a") as f:
+            f.write("x")
+        time.sleep(2)
+        sys.exit("upstream said no")
+    """))
+    env = expired_vault(home, f"{sys.executable} {script}")
+    procs = [_spawn([sys.executable, "-m", "keyring_hardened", "get", "svc", "u"], env)
+             for _ in range(8)]
+    results = [p.communicate(timeout=120) for p in procs]
+    # Waiters see the runner let go without a value; latecomers find the failure
+    # recent: nobody runs it again (the retry waits 5 s, doubling).
+    assert [p.returncode for p in procs] == [7] * 8, results
+    assert all(err.endswith("the refresh failed (exit 1: upstream said no)\n")
+               for _, err in results), results
+    assert all(CANARY not in out + err for out, err in results)
+    assert runs(tmp_path) == 1
+
+
 def test_eight_keyring_processes_run_the_refresher_once(home: Path, tmp_path: Path) -> None:
     env = expired_vault(home, refresher(tmp_path))
     procs = [_spawn([sys.executable, "-c", KEYRING_GET], env) for _ in range(8)]
