@@ -100,7 +100,7 @@ SPEC_SLOT = 0
 #: A lease lasts the refresher's timeout plus this, for the two short transactions around it.
 LEASE_GRACE = 2.0
 #: How often a waiter looks for the new version (a cheap query, no transaction).
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.005
 #: The most a refresher may print (the secret size limit), and stderr kept for the summary.
 OUTPUT_LIMIT = 1 << 20
 _STDERR_KEPT = 4096
@@ -784,7 +784,14 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
     token = os.urandom(16)
     deadline = time.monotonic() + _longest(store)
     while True:
-        taken = _take_lease(store, head_id, base, token)
+        # A look before the write transaction: when a runner already holds the
+        # lease, its waiters add no writer to the queue it must get through.
+        with store._guard() as storage:
+            peek = (storage.current_hint(head_id), storage.lease(head_id))
+        if peek[0] != base:
+            return Outcome(service, username, "changed")
+        live = lease_decision(peek[1], store._clock(), token, base, _longest(store)) == "held"
+        taken = "held" if live else _take_lease(store, head_id, base, token)
         if taken == "changed":
             return Outcome(service, username, "changed")
         if taken == "held":
