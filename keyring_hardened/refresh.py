@@ -59,10 +59,11 @@ from . import envelope
 from ._seams import crash_point
 from .envelope import DecryptFailed, Place, Sealed
 from .errors import (
+    DeniedError,
     ExpiredError,
     HardenedError,
     IntegrityError,
-    NotFoundError,
+    RateLimitedError,
     UsageError,
 )
 from .secret import Secret
@@ -912,6 +913,8 @@ class BackgroundRefresh:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self._store._closed:
+                break  # the store was closed under us: nothing left to refresh
             try:
                 for outcome in refresh_due(self._store):
                     if outcome.result == "failed":
@@ -1007,9 +1010,7 @@ def after_expired(store: Store, service: str, username: str, head_id: int, base:
     """
     try:
         outcome = refresh_one(store, service, username, head_id, base, wait=True)
-    except (IntegrityError, NotFoundError):
-        raise
-    except HardenedError as exc:
+    except (DeniedError, RateLimitedError) as exc:
         # Denied or rate limited as a write: the refresher was not run.
         return f"the refresher was not run: {exc}"
     if outcome.result == "timed-out":

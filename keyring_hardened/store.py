@@ -194,7 +194,8 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
         _check_version(version)
-        due: list[tuple[int, int]] = []
+        # Only a read of the current value refreshes: --version N answers version N or nothing.
+        due: list[tuple[int, int]] | None = [] if version is None else None
         try:
             value = self._run("read", service, username,
                               self._read_body(service, username, version, due))
@@ -243,7 +244,9 @@ class Store(Session):
                         due.append((head.id, wanted))
                         raise ExpiredError(f"{_label(service, username)} expired at "
                                            f"{_utc(expires)}", "expired-refreshing")
-                    raise ExpiredError(_expired_message(service, username, expires, plan, why),
+                    said = why if plan is None or version is None \
+                        else "a read without a version number refreshes it"
+                    raise ExpiredError(_expired_message(service, username, expires, plan, said),
                                        "expired")
                 if plan is not None and plan.ahead and due is not None \
                         and now >= expires - plan.ahead:

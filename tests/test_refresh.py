@@ -760,3 +760,25 @@ def test_a_garbled_record_is_skipped_as_a_hint_and_refused_when_checked(
     with pytest.raises(IntegrityError, match="refresh record is damaged"):
         refresh.decode_state(json.dumps({"v": 2, "kind": "command"}).encode())
     assert runs(tmp_path) == 0
+
+
+def test_a_read_of_a_version_number_never_refreshes(store: Store, clock: Clock,
+                                                     tmp_path: Path) -> None:
+    store.set("svc", "u", "old", ttl=60, refresher=counting(tmp_path), refresh_ahead=30)
+    clock.now += 40
+    assert store.get("svc", "u", version=1).reveal() == "old"
+    clock.now += 20
+    with pytest.raises(ExpiredError, match="a read without a version number refreshes it"):
+        store.get("svc", "u", version=1)
+    assert runs(tmp_path) == 0
+
+
+def test_a_closed_store_stops_its_background_thread(home: Path, clock: Clock) -> None:
+    s = Store.init(home, config=Config(), actor="test", clock=clock)
+    handle = refresh.start_background(s, interval=3600)
+    _passes(handle, 1)
+    s.close()
+    handle.poke()
+    handle._thread.join(60)
+    assert not handle.alive
+    handle.stop()
