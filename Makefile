@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: all demo test lint bench bench-access bench-moving bench-refresh mutate ci clean
+.PHONY: all demo test lint bench bench-access bench-agent bench-moving bench-refresh mutate ci clean
 
 all: test
 
@@ -63,6 +63,11 @@ lint: $(VENV)/.installed-test
 bench: $(BENCH_VENV)/.installed
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python run.py --out results/latest.md $(BENCH_ARGS)
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python access.py $(BENCH_ACCESS_ARGS)
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python agent.py $(BENCH_AGENT_ARGS)
+
+# The unlock agent: cold keyring get through it, in-process get_password, 8 clients
+bench-agent: $(BENCH_VENV)/.installed
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python agent.py $(BENCH_AGENT_ARGS)
 
 # Access control alone: the audited get with 20 policies and 10 limits beside none, 8 readers
 bench-access: $(BENCH_VENV)/.installed

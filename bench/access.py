@@ -27,8 +27,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from run import concurrent_reads, fill_ours
-
+# Run as a script from bench/ (make bench): the repository root holds the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.run import concurrent_reads, fill_ours
 from keyring_hardened.config import Config
 from keyring_hardened.store import Store
 

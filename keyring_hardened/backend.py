@@ -28,6 +28,7 @@ from . import errors
 from .location import Location
 
 if TYPE_CHECKING:
+    from .agentproto import AgentStore
     from .store import Store
 
 log = logging.getLogger("keyring_hardened")
@@ -179,7 +180,7 @@ def _created_notice(location: Location) -> None:
 
 #: Unlocked stores of this process, by vault location: one unlock (one KDF
 #: run) per process and vault, whatever the number of backend instances.
-_stores: dict[Location, Store] = {}
+_stores: dict[Location, Store | AgentStore] = {}
 _stores_lock = threading.Lock()
 
 
@@ -234,12 +235,19 @@ class HardenedKeyring(KeyringBackend):
             return 0.9
         return 9.5
 
-    def _store(self, create: bool) -> Store | None:
+    def _store(self, create: bool) -> Store | AgentStore | None:
         location = Location.resolve(self.home)
         with _stores_lock:
             store = _stores.get(location)
             if store is not None:
                 return store
+            from .agentproto import connect
+
+            # An agent serving this vault does the work: no key, no passphrase here.
+            agent = connect(location)
+            if agent is not None:
+                _stores[location] = agent
+                return agent
             from .store import Store
 
             prompt = _prompt if _interactive() else None

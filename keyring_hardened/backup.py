@@ -64,7 +64,7 @@ def _authorize_admin(store: Session, op: str) -> None:
     config = store.config.access
     if config is None:
         return
-    if not gate.decision(config, store.actor, "admin", None).allowed:
+    if not gate.decision(config, store.subject, "admin", None).allowed:
         store._run(op, None, None, _nothing)  # raises DeniedError, audited
         raise RuntimeError("the door let a denied admin request in")  # pragma: no cover
 

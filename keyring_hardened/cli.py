@@ -9,6 +9,7 @@ exit code of its class (see :mod:`keyring_hardened.errors`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import getpass
 import json
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
@@ -166,6 +168,19 @@ def _open(args: argparse.Namespace, create: bool = False) -> Any:
     return store
 
 
+def _credentials(args: argparse.Namespace, create: bool = False) -> Any:
+    """The vault for a credential command: its agent when one serves it, else opened here."""
+    from .agentproto import connect
+    from .location import Location
+
+    location = Location.resolve(args.home)
+    agent = connect(location)
+    if agent is not None:
+        _OPENED.append(agent)
+        return agent
+    return _open(args, create=create)
+
+
 def _read_secret(args: argparse.Namespace) -> str:
     if _tty():
         first = getpass.getpass(f"Secret for {args.service} / {args.username}: ")
@@ -224,7 +239,10 @@ def cmd_set(args: argparse.Namespace) -> int:
              if args.refresh_ahead is not None else None)
     secret = _read_secret(args)
     existed = os.path.lexists(Location.resolve(args.home).database)
-    with _open(args, create=True) as store:
+    # The agent protocol does not carry a refresher (its spec is a secret of
+    # its own): a set that attaches one opens the vault here.
+    opener = _open if refresher is not None or ahead is not None else _credentials
+    with opener(args, create=True) as store:
         if not existed:
             sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}; "
                              f"back up {store.location.key_file}: without it the vault cannot "
@@ -238,7 +256,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Print the secret (only the secret) to stdout."""
-    with _open(args) as store:
+    with _credentials(args) as store:
         secret = store.get(args.service, args.username, version=args.version)
     sys.stdout.write(secret.reveal() + "\n")
     return 0
@@ -246,14 +264,14 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete a credential (kept versions stay for rollback unless --purge)."""
-    with _open(args) as store:
+    with _credentials(args) as store:
         store.delete(args.service, args.username, purge=args.purge)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List live credentials: names and versions, never values."""
-    with _open(args) as store:
+    with _credentials(args) as store:
         items = store.credentials()
     if args.json:
         sys.stdout.write(_json([{"service": c.service, "username": c.username,
@@ -283,7 +301,7 @@ def _refresh_cell(kind: str | None, failure: str | None) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """List the kept versions of a credential."""
-    with _open(args) as store:
+    with _credentials(args) as store:
         versions = store.history(args.service, args.username)
     if args.json:
         sys.stdout.write(_json([{"version": v.version, "key_version": v.kek_version,
@@ -300,7 +318,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Restore a kept version as the new current version."""
-    with _open(args) as store:
+    with _credentials(args) as store:
         version = store.rollback(args.service, args.username, to_version=args.version,
                                  allow_expired=args.allow_expired)
     sys.stderr.write(f"restored as version {version}\n")
@@ -555,6 +573,168 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
               "request is refused until unseal")
     print(f"result: {verdict}")
     return code
+
+
+def _agent_client(args: argparse.Namespace) -> Any:
+    from .agentproto import AgentStore, socket_path
+    from .location import Location
+
+    location = Location.resolve(args.home)
+    path = Path(args.socket) if getattr(args, "socket", None) else socket_path(location)
+    return AgentStore(path, location)
+
+
+def cmd_agent_start(args: argparse.Namespace) -> int:
+    """Unlock the vault once and serve it from a background agent; prints the socket path."""
+    import subprocess
+
+    from .agentproto import socket_path
+    from .location import Location
+    from .passphrase import provider
+
+    location = Location.resolve(args.home)
+    location.check_home()
+    path = Path(args.socket) if args.socket else socket_path(location)
+    secret = None
+    if _vault_uses_passphrase(location):
+        from .config import load_config
+
+        # Asked here, where the terminal is; handed to the agent through a pipe.
+        secret = provider(load_config(location.config_file, location.config_required),
+                          _prompt_once if _tty() else None)()
+    argv = [sys.executable, "-m", "keyring_hardened", "agent", "run", "--detached",
+            "--home", str(location.home), "--socket", str(path),
+            "--idle-timeout", args.idle_timeout]
+    if args.max_lifetime:
+        argv += ["--max-lifetime", args.max_lifetime]
+    # This interpreter and this package, no shell: nothing in argv comes from elsewhere.
+    # The passphrase goes through the pipe only: the agent's environment keeps none.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYRING_HARDENED_PASSPHRASE", "KEYRING_HARDENED_NEW_PASSPHRASE")}
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # noqa: S603
+                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                             env=env)
+    if child.stdin is None or child.stderr is None:  # pragma: no cover - PIPE always gives both
+        raise StorageError("the agent could not be started")
+    with contextlib.suppress(BrokenPipeError):
+        child.stdin.write(((secret or "") + "\n").encode("utf-8", "surrogatepass"))
+    child.stdin.close()
+    # The agent says "ready" on stderr once its socket answers, or why it failed.
+    line = child.stderr.readline().decode("utf-8", "replace").strip()
+    child.stderr.close()
+    if line != "ready":
+        code = child.wait(timeout=60)
+        sys.stderr.write(f"{PROG}: error: {_one_line(line.removeprefix(PROG + ': error: '))}\n"
+                         if line else f"{PROG}: error: the agent did not start\n")
+        return code or 8
+    print(path)
+    return 0
+
+
+def _vault_uses_passphrase(location: Any) -> bool:
+    from .rootkey import KdfParams
+    from .storage import SQLiteStorage
+
+    storage = SQLiteStorage.open(location.database)
+    try:
+        return KdfParams.from_json(storage.vault().kdf).uses_passphrase
+    finally:
+        storage.close()
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    """Run the agent in the foreground (for a systemd user service or a supervisor)."""
+    from .agent import run
+    from .agentproto import socket_path
+    from .config import parse_duration
+    from .location import Location
+    from .store import Store
+
+    location = Location.resolve(args.home)
+    path = Path(args.socket) if args.socket else socket_path(location)
+    idle = parse_duration(args.idle_timeout, "--idle-timeout")
+    lifetime = parse_duration(args.max_lifetime, "--max-lifetime") if args.max_lifetime \
+        else None
+    first = sys.stdin.readline().rstrip("\n") if args.detached else ""
+    given = [first or None]
+
+    def opener(passphrase: str | None) -> Any:
+        secret, given[0] = passphrase or given[0], None  # the piped one serves once
+        store = Store.open(location.home, passphrase=secret,
+                           prompt=_prompt_once if _tty() and not args.detached else None)
+        # Once unlocked, nothing in this process unlocks again by itself: after
+        # a lock, an unlock must bring the passphrase (or passphrase_command).
+        os.environ.pop("KEYRING_HARDENED_PASSPHRASE", None)
+        return store
+
+    def ready() -> None:
+        sys.stderr.write("ready\n")
+        sys.stderr.flush()
+        if args.detached:  # from here on nobody reads our stderr
+            _quiet_stdio()
+        else:
+            sys.stderr.write(f"{PROG}: agent serving {location.home} at {path}\n")
+
+    try:
+        return run(location, path, idle, lifetime, opener, ready)
+    except HardenedError as exc:
+        sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
+        return exc.exit_code
+
+
+def _quiet_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def cmd_agent_status(args: argparse.Namespace) -> int:
+    """Show whether an agent serves the vault: locked or unlocked, idle time left, requests."""
+    with _agent_client(args) as client:
+        info = client.request("status")
+    if args.json:
+        print(_json(info))
+        return 0
+    print(f"agent: running (pid {info['pid']}), {info['state']}, at {_shown(info['socket'])}")
+    if info.get("idle_left") is not None:
+        print(f"locks after {int(info['idle_left'])} s more idle")
+    print(f"requests served: {info['served']}")
+    return 0
+
+
+def cmd_agent_lock(args: argparse.Namespace) -> int:
+    """Wipe the agent's keys; it keeps serving "locked" (exit 6) until unlock."""
+    with _agent_client(args) as client:
+        client.request("lock")
+    return 0
+
+
+def cmd_agent_unlock(args: argparse.Namespace) -> int:
+    """Unlock the agent again (the key file, or the passphrase asked here)."""
+    from .config import load_config
+    from .location import Location
+    from .passphrase import provider
+
+    location = Location.resolve(args.home)
+    secret = None
+    if _vault_uses_passphrase(location):
+        secret = provider(load_config(location.config_file, location.config_required),
+                          _prompt_once if _tty() else None)()
+    with _agent_client(args) as client:
+        client.request("unlock", passphrase=secret)
+    return 0
+
+
+def cmd_agent_stop(args: argparse.Namespace) -> int:
+    """Stop the agent (its keys are wiped)."""
+    with _agent_client(args) as client:
+        client.request("stop")
+        # Return once it is gone, so that a start right after finds the place free.
+        deadline = time.monotonic() + 10
+        while client.path.is_socket() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return 0
 
 
 #: A checkpoint is one short JSON line.
@@ -963,6 +1143,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status)
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    agent = sub.add_parser("agent", help="the unlock agent", parents=[common],
+                           description="The unlock agent: one unlock per session.")
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
+
+    def add_agent(name: str, func: Callable[[argparse.Namespace], int]
+                  ) -> argparse.ArgumentParser:
+        doc = (func.__doc__ or "").split("\n")[0]
+        p = agent_sub.add_parser(name, help=doc, description=doc, parents=[common])
+        p.add_argument("--socket", metavar="PATH",
+                       help="the socket (default: $KEYRING_HARDENED_AGENT_SOCK or HOME/agent.sock)")
+        p.set_defaults(func=func)
+        return p
+
+    for name, func in (("start", cmd_agent_start), ("run", cmd_agent_run)):
+        p = add_agent(name, func)
+        p.add_argument("--idle-timeout", default="8h", metavar="DUR",
+                       help="lock after this long without requests (default 8h)")
+        p.add_argument("--max-lifetime", metavar="DUR", help="stop after this long")
+        if name == "run":
+            p.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    p = add_agent("status", cmd_agent_status)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    add_agent("lock", cmd_agent_lock)
+    add_agent("unlock", cmd_agent_unlock)
+    add_agent("stop", cmd_agent_stop)
 
     add("seal", cmd_seal)
     p = add("unseal", cmd_unseal)

@@ -139,6 +139,20 @@ def _sinks(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _principals(key: str, value: Any) -> tuple[str | int, ...]:
+    """User or group names, or numeric ids, for the agent's allowance."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of names or numeric ids, got {_type(value)}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise ConfigError(f"{key}[{i}]: expected a name or a numeric id, got {_type(item)}")
+        if isinstance(item, int) and not 0 <= item < 2**32:
+            raise ConfigError(f"{key}[{i}]: must be an id from 0 to 4294967295")
+        if isinstance(item, str) and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}", item):
+            raise ConfigError(f"{key}[{i}]: must be a user or group name")
+    return tuple(value)
+
+
 def _type(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
@@ -190,6 +204,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "rotate_after": _duration,
         "max_wraps": _int(1, 2**31, " (NIST SP 800-38D allows 2^32 with random nonces)"),
         "passphrase_command": _command,
+        "agent_trust_declared_actor": _bool,
+        "agent_allow_users": _principals,
+        "agent_allow_groups": _principals,
         # TTL and refresh (refresh.py, issue 13).
         "default_ttl": _default_ttl,
         "refresh_timeout": _refresh_timeout,
@@ -246,6 +263,10 @@ class Config(NamedTuple):
     audit_keep: float | None = None
     #: Policies and rate limits; None when the file sets none (everything allowed).
     access: AccessConfig | None = None
+    #: The agent: whether policies judge a declared actor, and which other users may connect.
+    agent_trust_declared_actor: bool = False
+    agent_allow_users: tuple[str | int, ...] = ()
+    agent_allow_groups: tuple[str | int, ...] = ()
     #: TTL and refresh (refresh.py): (service glob, seconds) for new credentials,
     #: in file order; a refresher's time limit; variables passed on to commands;
     #: whether a process using the backend refreshes in a background thread.

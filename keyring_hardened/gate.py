@@ -165,7 +165,7 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
     config = session.config.access
     if gate.access is None or config is None:
         return
-    actor = session.actor
+    actor = session.subject
     if gate.access == "admin":
         service = None  # admin is over the whole vault, even when one entry is named
     found, matches, names = _rules_for(session, config, actor, gate.access, service)

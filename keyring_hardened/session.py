@@ -367,6 +367,9 @@ class Session:
         self.location = location
         self.config = config
         self.actor = actor
+        #: Whom the policies and rate limits judge, when not ``actor`` itself: the
+        #: agent sets it to the verified identity while the trail records both.
+        self.policy_actor: str | None = None
         self._storage = storage
         self._vault = vault
         self._epoch = vault.generation
@@ -393,6 +396,11 @@ class Session:
         #: Things a person should hear about (an interrupted rekey resolved, a
         #: deletion that could not yet reach the disk). The CLI prints them.
         self.notices: list[str] = []
+
+    @property
+    def subject(self) -> str:
+        """The actor the policies and rate limits judge (see ``policy_actor``)."""
+        return self.policy_actor or self.actor
 
     @property
     def keys(self) -> KeyManager:
@@ -1341,9 +1349,9 @@ class Session:
         access = self.config.access
         if access is not None:
             # An admin command; a 0.1 vault has no buckets or seal to consult yet.
-            found = gate.decision(access, self.actor, "admin", None)
+            found = gate.decision(access, self.subject, "admin", None)
             if not found.allowed:
-                raise gate.denied(self.actor, "admin", None, found)
+                raise gate.denied(self.subject, "admin", None, found)
         with self._guard() as storage, storage.transaction():
             vault = storage.vault()
             if vault.state_version != 0:

@@ -494,7 +494,7 @@ class Store(Session):
         if config is None:
             return True
         if service not in seen:
-            seen[service] = all(gate.decision(config, self.actor, op, service).allowed
+            seen[service] = all(gate.decision(config, self.subject, op, service).allowed
                                 for op in ("list", "read"))
         return seen[service]
 
@@ -532,9 +532,9 @@ class Store(Session):
                 # "lookup" itself needs list (checked at the door); naming the
                 # usernames leads to reading them, so read is needed too. A
                 # refusal, never an empty answer: keyring must not see "none".
-                found = gate.decision(config, self.actor, "read", service)
+                found = gate.decision(config, self.subject, "read", service)
                 if not found.allowed:
-                    raise gate.denied(self.actor, "read", service, found)
+                    raise gate.denied(self.subject, "read", service, found)
             heads = [h for h in self._bucket(storage, self._state(), bucket_of(service))
                      if h.service == service and h.current_version is not None]
             if not heads:
@@ -592,7 +592,7 @@ class Store(Session):
         :class:`LockedError`.
         """
         config = self.config.access
-        if config is not None and not gate.decision(config, self.actor, "admin", None).allowed:
+        if config is not None and not gate.decision(config, self.subject, "admin", None).allowed:
             # Refused before any proof is tried: a wrong proof from an actor
             # that may not unseal must not count against everyone's unlocks.
             self._run("unseal", None, None, _nothing)

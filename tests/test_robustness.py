@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -46,13 +48,28 @@ def as_other(argv: list[str], env: dict[str, str], timeout: float = 60
                           check=False)
 
 
+_MADE: list[Path] = []
+
+
+@atexit.register
+def _remove_trees() -> None:
+    for path in _MADE:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _other_tree(tmp_path: Path) -> Path:
-    """A folder the other user owns, reachable by them (tmp_path is root's, 0700)."""
-    for folder in (tmp_path, *tmp_path.parents):
-        if folder == Path("/tmp"):
-            break
-        os.chmod(folder, 0o711)
-    base = tmp_path / "other"
+    """A folder the other user owns, reachable by them.
+
+    Made outside pytest's temporary tree: that tree's top folder is root's
+    and 0700, and every pytest session that starts on the machine (another
+    suite, a mutation run) sets it back to 0700, which would cut the other
+    user off in the middle of a test.
+    """
+    del tmp_path  # kept in the signature: callers pass theirs
+    top = Path(tempfile.mkdtemp(prefix="kh-other-", dir="/tmp"))
+    _MADE.append(top)
+    os.chmod(top, 0o711)
+    base = top / "other"
     base.mkdir(mode=0o700)
     os.chown(base, OTHER, OTHER)
     return base

@@ -15,8 +15,9 @@ import os
 from ansible.errors import AnsibleError
 
 try:
+    from keyring_hardened.agentproto import connect
     from keyring_hardened.errors import HardenedError
-    from keyring_hardened.location import ENV_ACTOR
+    from keyring_hardened.location import ENV_ACTOR, Location
     from keyring_hardened.location import default_actor as derived_actor
     from keyring_hardened.store import Store
 except ImportError as exc:  # pragma: no cover - exercised by a test with the package hidden
@@ -75,9 +76,13 @@ def open_store(home=None, actor=None):
     key = (os.path.abspath(os.path.expanduser(home)) if home else None, actor)
     store = _stores.get(key)
     if store is None:
-        # No prompt: a worker process has no terminal. The passphrase, if any,
-        # comes from KEYRING_HARDENED_PASSPHRASE or passphrase_command.
-        store = Store.open(home, actor=actor)
+        # An agent serving the vault does the work: the actor goes to it as
+        # declared, and the agent records the identity the kernel gives it.
+        store = connect(Location.resolve(home), declared=actor)
+        if store is None:
+            # No prompt: a worker process has no terminal. The passphrase, if any,
+            # comes from KEYRING_HARDENED_PASSPHRASE or passphrase_command.
+            store = Store.open(home, actor=actor)
         _stores[key] = store
     return store
 
