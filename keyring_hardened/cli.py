@@ -247,8 +247,9 @@ def cmd_set(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}; "
                              f"back up {store.location.key_file}: without it the vault cannot "
                              "be opened\n")
-        version = store.set(args.service, args.username, secret, ttl=ttl, refresher=refresher,
-                            refresh_ahead=ahead)
+        refresh = {} if opener is _credentials else {"refresher": refresher,
+                                                      "refresh_ahead": ahead}
+        version = store.set(args.service, args.username, secret, ttl=ttl, **refresh)
     if args.verbose:
         sys.stderr.write(f"stored version {version}\n")
     return 0
