@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: all demo test lint bench bench-access bench-agent bench-moving mutate ci clean
+.PHONY: all demo test lint bench bench-access bench-agent bench-moving bench-refresh mutate ci clean
 
 all: test
 
@@ -76,6 +76,10 @@ bench-access: $(BENCH_VENV)/.installed
 # Import and online backup (issue 14); BENCH_MOVING_ARGS="--entries 10000 --credentials 100000"
 bench-moving: $(BENCH_VENV)/.installed
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python moving.py $(BENCH_MOVING_ARGS)
+
+# TTL and refresh (issue 13): a not-due TTL'd get beside a plain one; 8 waiters beside one refresher run
+bench-refresh: $(BENCH_VENV)/.installed
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python refresh.py $(BENCH_REFRESH_ARGS)
 
 # make mutate                         every module (cached: a rerun tests what changed)
 # make mutate MUTATE_ARGS="envelope"  some modules; --report-only prints the last report

@@ -257,6 +257,12 @@ class HardenedKeyring(KeyringBackend):
             except errors.NotFoundError:
                 return None
             _stores[location] = store
+            if store.config.refresh_background:
+                # Opted in ([refresh] background = true): a long-lived process
+                # refreshes due credentials in a daemon thread (refresh.py).
+                from .refresh import start_background
+
+                start_background(store)
             if create and not existed:
                 _created_notice(location)
             return store

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .errors import HardenedError, StorageError, UsageError
+from .errors import ExpiredError, HardenedError, StorageError, UsageError
 
 PROG = "keyring-hardened"
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, reported without a traceback
@@ -233,14 +233,23 @@ def cmd_set(args: argparse.Namespace) -> int:
 
     # "is not None": an empty --ttl is a mistake to refuse, not "never expires".
     ttl = parse_duration(args.ttl, "--ttl") if args.ttl is not None else None
+    # The refresher is checked before the secret is read: bad input changes nothing.
+    refresher = _refresher_arg(args)
+    ahead = (parse_duration(args.refresh_ahead, "--refresh-ahead")
+             if args.refresh_ahead is not None else None)
     secret = _read_secret(args)
     existed = os.path.lexists(Location.resolve(args.home).database)
-    with _credentials(args, create=True) as store:
+    # The agent protocol does not carry a refresher (its spec is a secret of
+    # its own): a set that attaches one opens the vault here.
+    opener = _open if refresher is not None or ahead is not None else _credentials
+    with opener(args, create=True) as store:
         if not existed:
             sys.stderr.write(f"{PROG}: created a new key-file vault at {store.location.home}; "
                              f"back up {store.location.key_file}: without it the vault cannot "
                              "be opened\n")
-        version = store.set(args.service, args.username, secret, ttl=ttl)
+        refresh = {} if opener is _credentials else {"refresher": refresher,
+                                                      "refresh_ahead": ahead}
+        version = store.set(args.service, args.username, secret, ttl=ttl, **refresh)
     if args.verbose:
         sys.stderr.write(f"stored version {version}\n")
     return 0
@@ -267,13 +276,28 @@ def cmd_list(args: argparse.Namespace) -> int:
         items = store.credentials()
     if args.json:
         sys.stdout.write(_json([{"service": c.service, "username": c.username,
-                                 "version": c.version, "updated_at": _stamp(c.updated_at)}
+                                 "version": c.version, "updated_at": _stamp(c.updated_at),
+                                 "expires_at": _stamp(c.expires_at) if c.expires_at else None,
+                                 "refresher": c.refresher,
+                                 "refresh_failure": c.refresh_failure}
                                 for c in items]) + "\n")
     elif items:
-        _table([["SERVICE", "USERNAME", "VERSION", "UPDATED"]]
+        # Expiry and refresh columns only when some credential has them.
+        extra = any(c.expires_at is not None or c.refresher for c in items)
+        _table([["SERVICE", "USERNAME", "VERSION", "UPDATED"]
+                + (["EXPIRES", "REFRESH"] if extra else [])]
                + [[_shown(c.service), _shown(c.username), str(c.version), _stamp(c.updated_at)]
+                  + ([_stamp(c.expires_at), _refresh_cell(c.refresher, c.refresh_failure)]
+                     if extra else [])
                   for c in items], sys.stdout)
     return 0
+
+
+def _refresh_cell(kind: str | None, failure: str | None) -> str:
+    """A refresher's kind (never its spec), and "failing" after a failed refresh."""
+    if kind is None:
+        return "-"
+    return f"{kind} (failing)" if failure else kind
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -394,6 +418,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"credentials: {info['credentials']} live, {info['deleted']} deleted, "
           f"{info['versions']} versions kept (max {info['max_versions']} each)")
     print(f"audit events: {info['audit_events']}")
+    r = info["refresh"]
+    print(f"expiry: {r['expired']} expired, {r['expiring']} within their refresh-ahead window; "
+          f"refreshers: {r['refreshers']}, {r['failing']} failing")
     if info["sealed"] is not None:
         print(f"sealed: since {_stamp(info['sealed']['since'])} by "
               f"{_shown(info['sealed']['by'])}; credential requests are refused until "
@@ -434,6 +461,64 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print(f"config file {config.path}: OK")
     return 0
+
+
+def _refresher_arg(args: argparse.Namespace) -> Any:
+    """The refresher named by --refresh-command or --refresher, or None."""
+    from .refresh import command_spec, plugin_spec
+
+    if args.refresh_command is not None:
+        return command_spec(args.refresh_command)
+    if args.refresher is not None:
+        return plugin_spec(args.refresher)
+    return None
+
+
+def cmd_ttl(args: argparse.Namespace) -> int:
+    """Change a credential's TTL (DUR or none), refresher or refresh-ahead window."""
+    from .config import parse_duration
+    from .store import KEEP
+
+    ttl: Any = KEEP
+    if args.duration is not None:
+        ttl = None if args.duration == "none" else parse_duration(args.duration, "TTL")
+    if args.no_refresh and (args.refresh_command is not None or args.refresher is not None):
+        raise UsageError("--no-refresh: cannot be combined with a new refresher")
+    refresher: Any = None if args.no_refresh else _refresher_arg(args) or KEEP
+    ahead: Any = KEEP
+    if args.refresh_ahead is not None:
+        ahead = None if args.refresh_ahead == "none" else parse_duration(
+            args.refresh_ahead, "--refresh-ahead")
+    with _open(args) as store:
+        store.ttl(args.service, args.username, ttl=ttl, refresher=refresher,
+                  refresh_ahead=ahead)
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Refresh credentials now: one (SERVICE USER), or every due one (--due); for cron."""
+    if (args.service is None) != (args.username is None):
+        raise UsageError("refresh: give both SERVICE and USER, or neither (with --due)")
+    if args.service is None and not args.due:
+        raise UsageError("refresh: give SERVICE USER, or --due to refresh every due credential")
+    with _open(args) as store:
+        if args.service is not None:
+            outcomes = [store.refresh(args.service, args.username, due_only=args.due)]
+        else:
+            outcomes = store.refresh_due()
+    failed = 0
+    for o in outcomes:
+        label = f"service {o.service!r}, user {o.username!r}"
+        if o.result == "refreshed":
+            print(f"{label}: refreshed (version {o.version})")
+        elif o.result in ("failed", "waited-failed", "timed-out", "backoff"):
+            failed += 1
+            why = o.summary or ("another process's refresh failed" if o.result == "waited-failed"
+                                else "another process is still refreshing it")
+            sys.stderr.write(f"{PROG}: error: {label}: refresh failed: {_one_line(why)}\n")
+        else:
+            print(f"{label}: {o.result.replace('-', ' ')}")
+    return ExpiredError.exit_code if failed else 0
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
@@ -976,6 +1061,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------
 
 
+def _refresh_args(p: argparse.ArgumentParser, ahead_none: bool = False) -> None:
+    """--refresh-command | --refresher, and --refresh-ahead (set and ttl)."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--refresh-command", metavar="CMD",
+                       help="renew the value with this command (split like a shell would, "
+                            "run without one); its stdout is the new secret")
+    which.add_argument("--refresher", metavar="NAME[:ARG]",
+                       help="renew the value with an installed Python refresher "
+                            "(built in: generate[:BYTES], file:/PATH)")
+    p.add_argument("--refresh-ahead", metavar="DUR|none" if ahead_none else "DUR",
+                   help="refresh this long before expiry; reads keep the current value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keyring-hardened``."""
     common = _Parser(add_help=False)
@@ -1009,6 +1107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", metavar="DUR",
                    help="the value expires after this long (90s, 15m, 12h, 30d); reads then "
                         "fail with exit 7")
+    _refresh_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="report the stored version")
 
     p = add("get", cmd_get, "service", "username")
@@ -1028,6 +1127,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="version to restore (default: the one before the current)")
     p.add_argument("--allow-expired", action="store_true",
                    help="restore a version past its expiry (its TTL then counts anew)")
+
+    # TTL and refresh (refresh.py)
+    p = add("ttl", cmd_ttl, "service", "username")
+    p.add_argument("duration", nargs="?", metavar="DUR|none",
+                   help="the current value expires this long from now (none: never)")
+    _refresh_args(p, ahead_none=True)
+    p.add_argument("--no-refresh", action="store_true", help="remove the refresher")
+    p = add("refresh", cmd_refresh)
+    p.add_argument("service", nargs="?")
+    p.add_argument("username", nargs="?")
+    p.add_argument("--due", action="store_true",
+                   help="only what is expired or inside its refresh-ahead window")
 
     add("upgrade", cmd_upgrade)
 

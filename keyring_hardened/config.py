@@ -158,6 +158,43 @@ def _type(value: Any) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def _default_ttl(key: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """``default_ttl``: one duration for every service, or a table of service glob -> duration."""
+    if isinstance(value, str):
+        return (("*", parse_duration(value, key)),)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a duration or a table of service globs, "
+                          f"got {_type(value)}")
+    from .access import _glob_problem
+
+    found = []
+    for i, (glob, duration) in enumerate(value.items()):
+        # The glob is not echoed: a key is what the user typed, but it could be
+        # anything pasted; its position names it.
+        problem = _glob_problem(glob)
+        if problem is not None or not glob:
+            raise ConfigError(f"{key}: glob number {i + 1}: {problem or 'empty glob'}")
+        found.append((glob, parse_duration(duration, f"{key} (glob number {i + 1})")))
+    return tuple(found)
+
+
+def _env_names(key: str, value: Any) -> tuple[str, ...]:
+    """``refresh_env``: names of environment variables passed on to refresh commands."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of variable names, got {_type(value)}")
+    for i, name in enumerate(value):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+            raise ConfigError(f"{key}[{i}]: not an environment variable name")
+    return tuple(value)
+
+
+def _refresh_timeout(key: str, value: Any) -> float:
+    seconds = parse_duration(value, key)
+    if seconds > 3600:
+        raise ConfigError(f"{key}: must be at most 1h")
+    return seconds
+
+
 _FLOOR = f" (OWASP floor {OWASP_ARGON2_FLOOR['memory_kib']} KiB, t=2)"
 
 #: The schema: section name ("" for top level) -> option -> field.
@@ -170,6 +207,13 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "agent_trust_declared_actor": _bool,
         "agent_allow_users": _principals,
         "agent_allow_groups": _principals,
+        # TTL and refresh (refresh.py, issue 13).
+        "default_ttl": _default_ttl,
+        "refresh_timeout": _refresh_timeout,
+        "refresh_env": _env_names,
+    },
+    "refresh": {
+        "background": _bool,
     },
     "storage": {
         "synchronous": _choice("normal", "full"),
@@ -223,6 +267,13 @@ class Config(NamedTuple):
     agent_trust_declared_actor: bool = False
     agent_allow_users: tuple[str | int, ...] = ()
     agent_allow_groups: tuple[str | int, ...] = ()
+    #: TTL and refresh (refresh.py): (service glob, seconds) for new credentials,
+    #: in file order; a refresher's time limit; variables passed on to commands;
+    #: whether a process using the backend refreshes in a background thread.
+    default_ttl: tuple[tuple[str, float], ...] = ()
+    refresh_timeout: float = 30.0
+    refresh_env: tuple[str, ...] = ()
+    refresh_background: bool = False
 
     def new_kdf_params(self, algorithm: str | None = None) -> KdfParams:
         """Fresh passphrase KDF parameters (new salt) from these settings."""
@@ -284,7 +335,7 @@ def _validate(doc: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 def _attr(section: str, key: str) -> str:
     if section == "kdf":
         return key if key.startswith(("argon2_", "pbkdf2_")) else f"kdf_{key}"
-    if section in ("backend", "audit"):
+    if section in ("backend", "audit", "refresh"):
         return f"{section}_{key}"
     return key
 

@@ -70,6 +70,10 @@ OPS: dict[str, Gate] = {
     "history": Gate("read"),
     "write": Gate("write"),
     "rollback": Gate("write"),
+    # TTL and refresh (refresh.py): a refresher run writes a new version, and
+    # may run a command: a reader that may not write does not start one.
+    "ttl": Gate("write"),
+    "refresh": Gate("write"),
     "delete": Gate("delete"),
     "purge": Gate("delete"),
     "list": Gate("list"),

@@ -282,6 +282,10 @@ class KeyManager:
             if progress is not None:
                 progress(done, max(total, done))
             _crash_point("rewrap-after-batch")
+        # Refresher specs are sealed like values: they move to the active KEK too.
+        from .refresh import rewrap_specs
+
+        done += rewrap_specs(store)
         # The loop ends only on a batch that found nothing left to rewrap.
         return RewrapSummary(done, batches, target, time.perf_counter() - started)
 
@@ -295,6 +299,12 @@ class KeyManager:
                 raise UsageError(f"cannot retire key version {active.version}: it is the "
                                  "active one; rotate first", "retire-active")
             versions, creds = storage.under_keks_below(below)
+            from .refresh import specs_below
+
+            specs = specs_below(storage, below)
+            if specs:
+                raise UsageError(f"key versions below {below} still seal {specs} refresher "
+                                 "specs; run: keyring-hardened key rewrap", "retire-in-use")
             if versions:
                 raise UsageError(f"key versions below {below} still wrap {versions} data keys "
                                  f"of {creds} credentials; run: keyring-hardened key rewrap",

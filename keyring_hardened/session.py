@@ -318,8 +318,11 @@ def _make_home(home: Path) -> None:
 def _head_leaf(h: HeadRow) -> bytes:
     # The mac column (0.1's per-row MAC, empty since) is covered too: no
     # column of a head is left unauthenticated.
+    # The refresher and refresh state (refresh.py) ride in the leaf's extra
+    # field, absent (and the leaf as before) for a credential without one.
     return state.head_leaf(h.id, h.service, h.username, h.current_version, h.last_version,
-                           h.created_at, h.updated_at, h.expires_at, h.versions_digest, h.mac)
+                           h.created_at, h.updated_at, h.expires_at, h.versions_digest, h.mac,
+                           h.refresh)
 
 
 def _version_digest(row: VersionRow) -> bytes:

@@ -182,6 +182,19 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             started_at REAL NOT NULL
         )""",
     )),
+    # Refresh (refresh.py): a credential's refresher and its refresh state, in
+    # one blob that the head's leaf covers (so the state root pins it); and the
+    # single-flight lease, which is only a hint and never trusted (see refresh.py).
+    ("0006_refresh", (
+        "ALTER TABLE credentials ADD COLUMN refresh BLOB",
+        """CREATE TABLE refresh_leases (
+            credential_id INTEGER PRIMARY KEY,
+            holder TEXT NOT NULL,
+            token BLOB NOT NULL,
+            base_version INTEGER NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+    )),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -239,6 +252,8 @@ class HeadRow(NamedTuple):
     mac: bytes
     expires_at: float | None = None
     versions_digest: bytes | None = None
+    #: The refresher and refresh state (refresh.py), covered by the head's leaf.
+    refresh: bytes | None = None
 
 
 class VersionRow(NamedTuple):
@@ -257,7 +272,8 @@ class VersionRow(NamedTuple):
 _N = type(None)
 _VAULT_TYPES = (bytes, float, str, bytes, bytes, int, int)
 _KEK_TYPES = (int, str, float, (bytes, _N), int)
-_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N))
+_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N),
+               (bytes, _N))
 _VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N), (bytes, _N))
 _REWRAP_TYPES = (int, str, str, int, int, bytes)
 _BUCKET_TYPES = (str, str, (float, int), (float, int))
@@ -730,8 +746,8 @@ class SQLiteStorage:
     # -- credentials ----------------------------------------------------------
 
     _HEAD = ("SELECT id, service, username, current_version, last_version, created_at, "
-             "updated_at, CAST(mac AS BLOB), expires_at, CAST(versions_digest AS BLOB)"
-             " FROM credentials")
+             "updated_at, CAST(mac AS BLOB), expires_at, CAST(versions_digest AS BLOB),"
+             " CAST(refresh AS BLOB) FROM credentials")
 
     def bucket_rows(self, bucket: int) -> tuple[list[HeadRow], dict[int, list[VersionRow]]]:
         """A bucket's heads, and the kept versions of each, in one query."""
@@ -740,16 +756,17 @@ class SQLiteStorage:
         for r in self._rows(
                 "SELECT c.id, c.service, c.username, c.current_version, c.last_version,"
                 " c.created_at, c.updated_at, CAST(c.mac AS BLOB), c.expires_at,"
-                " CAST(c.versions_digest AS BLOB), v.version, v.kek_version,"
+                " CAST(c.versions_digest AS BLOB), CAST(c.refresh AS BLOB), v.version,"
+                " v.kek_version,"
                 " CAST(v.wrapped_key AS BLOB), CAST(v.ciphertext AS BLOB), v.created_at, v.ttl,"
                 " v.expires_at, CAST(v.digest AS BLOB) FROM credentials c LEFT JOIN"
                 " secret_versions v ON v.credential_id = c.id WHERE c.bucket = ?"
                 " ORDER BY c.service, c.username, v.version", (bucket,)):
             if not heads or heads[-1].id != r[0]:
-                heads.append(HeadRow(*_typed(r[:10], _HEAD_TYPES, "credential record")))
+                heads.append(HeadRow(*_typed(r[:11], _HEAD_TYPES, "credential record")))
                 versions[r[0]] = []
-            if r[10] is not None:
-                versions[r[0]].append(VersionRow(*_typed(r[10:], _VERSION_TYPES,
+            if r[11] is not None:
+                versions[r[0]].append(VersionRow(*_typed(r[11:], _VERSION_TYPES,
                                                          "version record")))
         return heads, versions
 
@@ -759,7 +776,8 @@ class SQLiteStorage:
         for r in self._rows_in(
                 "SELECT bucket, id, service, username, current_version, last_version,"
                 " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
-                " CAST(versions_digest AS BLOB) FROM credentials WHERE bucket IN ({})"
+                " CAST(versions_digest AS BLOB), CAST(refresh AS BLOB) FROM credentials"
+                " WHERE bucket IN ({})"
                 " ORDER BY bucket, service, username", list(found)):
             found[r[0]].append(HeadRow(*_typed(r[1:], _HEAD_TYPES, "credential record")))
         return found
@@ -830,7 +848,8 @@ class SQLiteStorage:
             cur = self._conn.execute(
                 "SELECT bucket, id, service, username, current_version, last_version,"
                 " created_at, updated_at, CAST(mac AS BLOB), expires_at,"
-                " CAST(versions_digest AS BLOB) FROM credentials ORDER BY service, username")
+                " CAST(versions_digest AS BLOB), CAST(refresh AS BLOB) FROM credentials"
+                " ORDER BY service, username")
             while batch := cur.fetchmany(2048):
                 for row in batch:
                     bucket = row[0] if isinstance(row[0], int) else None
@@ -1238,6 +1257,57 @@ class SQLiteStorage:
         finally:
             self._run("DETACH DATABASE src")
         fsync_file(keep)
+
+    # -- refresh (refresh.py) ------------------------------------------------
+
+    def set_refresh(self, head_id: int, blob: bytes | None) -> None:
+        """Store a credential's refresher and refresh state (the caller re-roots the state)."""
+        self._run("UPDATE credentials SET refresh = ? WHERE id = ?", (blob, head_id))
+
+    def set_version_ttl(self, head_id: int, version: int, ttl: float | None,
+                        expires_at: float | None, digest: bytes) -> None:
+        """Change a stored version's TTL and expiry, with its new digest."""
+        self._run("UPDATE secret_versions SET ttl = ?, expires_at = ?, digest = ?"
+                  " WHERE credential_id = ? AND version = ?",
+                  (ttl, expires_at, digest, head_id, version))
+
+    def refresh_hints(self) -> list[tuple[Any, ...]]:
+        """(id, service, username, current, expires_at, refresh) of each head with a refresher.
+
+        Unauthenticated: callers only pick candidates from it.
+        """
+        return self._rows("SELECT id, service, username, current_version, expires_at,"
+                          " CAST(refresh AS BLOB) FROM credentials WHERE refresh IS NOT NULL"
+                          " ORDER BY service, username")
+
+    def expired_count(self, now: float) -> int:
+        """Live credentials whose current version expired at ``now`` (for ``status``)."""
+        found, = self._rows("SELECT count(*) FROM credentials WHERE current_version IS NOT NULL"
+                            " AND expires_at IS NOT NULL AND expires_at <= ?", (now,))[0]
+        return int(found)
+
+    def current_hint(self, head_id: int) -> Any:
+        """A head's current version as stored, unchecked (a waiter's cue to read again)."""
+        rows = self._rows("SELECT current_version FROM credentials WHERE id = ?", (head_id,))
+        return rows[0][0] if rows else None
+
+    def lease(self, head_id: int) -> tuple[Any, ...] | None:
+        """The refresh lease of a credential: (holder, token, base version, expires_at)."""
+        rows = self._rows("SELECT holder, CAST(token AS BLOB), base_version, expires_at"
+                          " FROM refresh_leases WHERE credential_id = ?", (head_id,))
+        return tuple(rows[0]) if rows else None
+
+    def put_lease(self, head_id: int, holder: str, token: bytes, base: int,
+                  expires_at: float) -> None:
+        """Take (or take over) a credential's refresh lease."""
+        self._run("INSERT OR REPLACE INTO refresh_leases (credential_id, holder, token,"
+                  " base_version, expires_at) VALUES (?, ?, ?, ?, ?)",
+                  (head_id, holder, token, base, expires_at))
+
+    def drop_lease(self, head_id: int, token: bytes) -> None:
+        """Give up a lease, if it is still the one holding ``token``."""
+        self._run("DELETE FROM refresh_leases WHERE credential_id = ? AND token = ?",
+                  (head_id, token))
 
 
 def _chunks(items: list[int], size: int = 500) -> Iterator[list[int]]:

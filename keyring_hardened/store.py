@@ -9,11 +9,13 @@ whole or not at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from . import gate
+from . import refresh as refreshing
 from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
 from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
 from .location import validate_actor
@@ -27,7 +29,7 @@ from .session import (
     _utc,
 )
 from .state import bucket_of
-from .storage import KekRecord, SQLiteStorage
+from .storage import HeadRow, KekRecord, SQLiteStorage
 
 if TYPE_CHECKING:
     from .passphrase import PassphraseProvider
@@ -36,6 +38,9 @@ __all__ = ["CredentialInfo", "Explanation", "LimitState", "Store", "VersionInfo"
 
 MAX_NAME_BYTES = 4096
 MAX_SECRET_BYTES = 1 << 20
+#: For :meth:`Store.ttl`: leave this setting as it is.
+KEEP: Literal["keep"] = "keep"
+_MAX_TTL = 100 * 365 * 86400
 
 
 class CredentialInfo(NamedTuple):
@@ -45,6 +50,12 @@ class CredentialInfo(NamedTuple):
     username: str
     version: int
     updated_at: float
+    #: The current version's expiry, if it has a TTL.
+    expires_at: float | None = None
+    #: The refresher's kind (``command``, ``python``), never its spec.
+    refresher: str | None = None
+    #: The last refresh failed (its summary); None when none did since the last success.
+    refresh_failure: str | None = None
 
 
 class LimitState(NamedTuple):
@@ -114,6 +125,37 @@ def _check_version(version: object) -> None:
         raise UsageError("version must be a positive integer")
 
 
+def _check_seconds(what: str, value: object) -> None:
+    """A TTL or window in seconds, as a caller gives it: None, or positive up to 100 years."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0 < value <= _MAX_TTL):
+        raise UsageError(f"{what} must be a positive number of seconds, at most 100 years")
+
+
+def _check_ahead(ttl: float | None, ahead: float | None) -> None:
+    # A window as long as the TTL would refresh on every read.
+    if ttl is not None and ahead is not None and ahead >= ttl:
+        raise UsageError("the refresh-ahead window must be shorter than the TTL")
+
+
+def _expired_message(service: str, username: str, expires: float,
+                     plan: refreshing.RefreshState | None, why: str | None) -> str:
+    """Why a read is exit 7: no refresher, or what became of the refresh."""
+    start = f"{_label(service, username)} expired at {_utc(expires)}; "
+    if plan is None:
+        return start + "set a new value (no refresh is configured)"
+    if why is not None:
+        return start + why
+    if plan.failure is not None:
+        return start + f"the refresh failed ({plan.failure})"
+    return start + "the refresh did not renew it"
+
+
+def _refresh_info(head: HeadRow) -> tuple[str | None, str | None]:
+    found = refreshing.state_of(head)
+    return (None, None) if found is None else (found.kind, found.failure)
+
+
 def _secret_bytes(secret: str | Secret) -> bytes:
     value = secret.reveal() if isinstance(secret, Secret) else secret
     if not isinstance(value, str):
@@ -138,10 +180,37 @@ class Store(Session):
     # -- operations -------------------------------------------------------
 
     def get(self, service: str, username: str, *, version: int | None = None) -> Secret:
-        """Return the current secret, or ``version`` of it; raise NotFoundError if absent."""
+        """Return the current secret, or ``version`` of it; raise NotFoundError if absent.
+
+        A current version past its expiry is refreshed first when the
+        credential has a refresher (once across every process: see
+        :mod:`~keyring_hardened.refresh`); inside its refresh-ahead window the
+        current value is returned and a refresh is started.
+        """
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
         _check_version(version)
+        # Only a read of the current value refreshes: --version N answers version N or nothing.
+        due: list[tuple[int, int]] | None = [] if version is None else None
+        try:
+            value = self._run("read", service, username,
+                              self._read_body(service, username, version, due))
+        except ExpiredError:
+            if not due:
+                raise
+            # Not inside the read's transaction: the refresher may take 30 s.
+            why = refreshing.after_expired(self, service, username, *due[-1])
+            # Read again: the new version, or exit 7 saying why there is none.
+            return self._run("read", service, username,
+                             self._read_body(service, username, None, None, why))
+        if due:
+            refreshing.after_read(self, service, username, *due[-1])
+        return value
+
+    def _read_body(self, service: str, username: str, version: int | None,
+                   due: list[tuple[int, int]] | None, why: str | None = None
+                   ) -> Callable[[SQLiteStorage, _Note], Secret]:
+        """The body of a read; appends (head id, version) to ``due`` when a refresh is due."""
 
         def body(storage: SQLiteStorage, note: _Note) -> Secret:
             head = self._existing(storage, service, username)
@@ -160,28 +229,51 @@ class Store(Session):
             note.key_version = row.kek_version
             # The current version's expiry is the head's (set when it became
             # current, or again by a rollback); an older version's is its own.
-            # Both are covered by the state root.
-            expires = head.expires_at if wanted == head.current_version else row.expires_at
-            if expires is not None and self._clock() >= expires:
-                raise ExpiredError(f"{_label(service, username)} expired at "
-                                   f"{_utc(expires)}; set a new value (no refresh is "
-                                   "configured)", "expired")
+            # Both are covered by the state root, and so is the refresher.
+            current = wanted == head.current_version
+            expires = head.expires_at if current else row.expires_at
+            if expires is not None:
+                plan = refreshing.state_of(head) if current else None
+                now = self._clock()
+                if now >= expires:
+                    if plan is not None and due is not None:
+                        due.append((head.id, wanted))
+                        raise ExpiredError(f"{_label(service, username)} expired at "
+                                           f"{_utc(expires)}", "expired-refreshing")
+                    said = why if plan is None or version is None \
+                        else "a read without a version number refreshes it"
+                    raise ExpiredError(_expired_message(service, username, expires, plan, said),
+                                       "expired")
+                if plan is not None and plan.ahead and due is not None \
+                        and now >= expires - plan.ahead:
+                    due.append((head.id, wanted))
+                    note.reason = "refresh-ahead"
             return Secret(self._decrypt(head, row))
 
-        return self._run("read", service, username, body)
+        return body
 
     def set(self, service: str, username: str, secret: str | Secret, *,
-            ttl: float | None = None) -> int:
+            ttl: float | None = None, refresher: refreshing.RefreshSpec | None = None,
+            refresh_ahead: float | None = None) -> int:
         """Store a new version of a credential; returns its version number.
 
         With ``ttl`` (seconds), reads of this version fail with
-        :class:`ExpiredError` once it is that old.
+        :class:`ExpiredError` once it is that old; without it, the config's
+        ``default_ttl`` for the service applies, if any. ``refresher``
+        (from :func:`refreshing.command_spec` or :func:`refreshing.plugin_spec`)
+        attaches a refresher that renews the value when it expires, or
+        ``refresh_ahead`` seconds before. A credential keeps its refresher
+        across later ``set`` calls; a new value clears a recorded refresh failure.
         """
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
-                                or not 0 < ttl <= 100 * 365 * 86400):
-            raise UsageError("ttl must be a positive number of seconds, at most 100 years")
+        _check_seconds("ttl", ttl)
+        _check_seconds("refresh_ahead", refresh_ahead)
+        if refresher is not None and not isinstance(refresher, refreshing.RefreshSpec):
+            raise UsageError("refresher must be a RefreshSpec")
+        if ttl is None:
+            ttl = refreshing.ttl_for(self, service)
+        _check_ahead(ttl, refresh_ahead)
         data = _secret_bytes(secret)
 
         def body(storage: SQLiteStorage, note: _Note) -> int:
@@ -189,10 +281,140 @@ class Store(Session):
             head = self._find(storage, service, username)
             if head is None:
                 head = storage.new_head(service, username, bucket_of(service), now)
-            return self._write_version(storage, head, data, now, note,
-                                       float(ttl) if ttl is not None else None)
+            version = self._write_version(storage, head, data, now, note,
+                                          float(ttl) if ttl is not None else None)
+            self._set_refresher(storage, head, refresher, refresh_ahead, clear_failure=True)
+            return version
 
         return self._run("write", service, username, body, writes=True)
+
+    def _set_refresher(self, storage: SQLiteStorage, head: HeadRow,
+                       refresher: refreshing.RefreshSpec | Literal["keep"] | None,
+                       ahead: float | Literal["keep"] | None, *, clear_failure: bool = False,
+                       remove: bool = False) -> None:
+        """Attach, change or remove a checked head's refresher, inside an operation."""
+        old = refreshing.state_of(head)
+        if remove:
+            new = None
+        elif refresher is not None and refresher != KEEP:
+            assert isinstance(refresher, refreshing.RefreshSpec)  # noqa: S101 - narrowed for mypy
+            new = refreshing.seal_spec(self, storage, head.service, head.username, refresher,
+                                    (old.ahead if old else None) if ahead == KEEP or ahead is None
+                                    else ahead)
+        elif old is None:
+            if ahead not in (None, KEEP):
+                raise UsageError(f"{_label(head.service, head.username)} has no refresher: "
+                                 "--refresh-ahead needs --refresh-command or --refresher",
+                                 "no-refresher")
+            return
+        else:
+            new = old._replace(ahead=old.ahead if ahead in (None, KEEP) else ahead)
+        if new is not None and clear_failure:
+            new = new._replace(failure=None, failed_at=None, failures=0)
+        blob = None if new is None else new.encode()
+        if blob != head.refresh:
+            storage.set_refresh(head.id, blob)
+            self._touch(head.service)
+
+    def ttl(self, service: str, username: str, *,
+            ttl: float | Literal["keep"] | None = KEEP,
+            refresher: refreshing.RefreshSpec | Literal["keep"] | None = KEEP,
+            refresh_ahead: float | Literal["keep"] | None = KEEP) -> None:
+        """Change a credential's TTL, refresher or refresh-ahead window (audited as ``ttl``).
+
+        ``ttl``: seconds from now until the current value expires, and the TTL
+        of the versions refreshes make; None: it never expires. ``refresher``:
+        a new spec, or None to remove it. Each left at :data:`KEEP` stays.
+        """
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        if ttl != KEEP:
+            _check_seconds("ttl", ttl)
+        if refresh_ahead != KEEP:
+            _check_seconds("refresh_ahead", refresh_ahead)
+        if refresher not in (None, KEEP) and not isinstance(refresher, refreshing.RefreshSpec):
+            raise UsageError("refresher must be a RefreshSpec")
+        if ttl == KEEP and refresher == KEEP and refresh_ahead == KEEP:
+            raise UsageError("nothing to change: give a TTL, a refresher or a refresh-ahead "
+                             "window")
+
+        def body(storage: SQLiteStorage, note: _Note) -> None:
+            head = self._existing(storage, service, username)
+            if head.current_version is None:
+                raise NotFoundError(f"credential for {_label(service, username)} is deleted",
+                                    "deleted")
+            row = next((self._checked(head, r) for r in self._versions(storage, head)
+                        if r.version == head.current_version), None)
+            if row is None:
+                raise IntegrityError(f"{_label(service, username)}: current version "
+                                     "is missing", "missing-version")
+            now = self._clock()
+            new_ttl = row.ttl if ttl == KEEP else ttl
+            old = refreshing.state_of(head)
+            ahead = (old.ahead if old else None) if refresh_ahead == KEEP else refresh_ahead
+            _check_ahead(new_ttl if isinstance(new_ttl, float | int) else None,
+                         ahead if refresher is not None else None)
+            reasons = []
+            if ttl != KEEP:
+                expires = now + float(ttl) if isinstance(ttl, float | int) else None
+                changed = row._replace(ttl=None if ttl is None else float(ttl),
+                                       expires_at=expires, digest=None)
+                from .session import _version_digest
+
+                storage.set_version_ttl(head.id, row.version, changed.ttl, expires,
+                                        _version_digest(changed))
+                self._move_head(storage, head, head.current_version, head.last_version, now,
+                                expires)
+                reasons.append("ttl-none" if ttl is None else f"ttl-{int(float(ttl))}s")
+            self._set_refresher(storage, head, refresher, refresh_ahead,
+                                remove=refresher is None)
+            if refresher is None:
+                reasons.append("refresher-removed")
+            elif refresher != KEEP:
+                assert isinstance(refresher, refreshing.RefreshSpec)  # noqa: S101 - for mypy
+                reasons.append(f"refresher-{refresher.kind}")
+            if refresh_ahead != KEEP:
+                reasons.append("ahead-none" if refresh_ahead is None
+                               else f"ahead-{int(float(refresh_ahead))}s")
+            note.reason = "; ".join(reasons)
+
+        self._run("ttl", service, username, body, writes=True)
+
+    def refresh(self, service: str, username: str, *, due_only: bool = False
+                ) -> refreshing.Outcome:
+        """Run a credential's refresher now (``due_only``: only if it is due).
+
+        The refresh is single-flight across processes: if another process
+        is refreshing it, this waits for that one. The outcome says what
+        happened (``refreshed``, ``failed`` with a summary, ``not-due``, ...).
+        """
+        _check_name("service", service, allow_empty=False)
+        _check_name("username", username, allow_empty=True)
+        for _ in range(3):
+            hint = next((h for h in refreshing._hints(self)
+                         if h.service == service and h.username == username), None)
+            if hint is None:
+                # Say why through a checked, audited look: absent, deleted, no refresher.
+                def body(storage: SQLiteStorage, note: _Note) -> None:
+                    head = self._existing(storage, service, username)
+                    if head.current_version is None:
+                        raise NotFoundError(f"credential for {_label(service, username)} "
+                                            "is deleted", "deleted")
+                    if refreshing.state_of(head) is None:
+                        raise UsageError(f"no refresher is configured for "
+                                         f"{_label(service, username)}", "no-refresher")
+
+                self._run("refresh", service, username, body)
+                continue
+            outcome = refreshing.refresh_one(self, service, username, hint.head_id, hint.current,
+                                          force=not due_only, wait=True)
+            if outcome.result != "changed":
+                return outcome
+        return refreshing.Outcome(service, username, "changed")
+
+    def refresh_due(self) -> list[refreshing.Outcome]:
+        """Refresh every credential that is expired or inside its refresh-ahead window."""
+        return refreshing.refresh_due(self, wait=True)
 
     def delete(self, service: str, username: str, *, purge: bool = False) -> None:
         """Delete a credential; kept versions stay for ``rollback`` unless ``purge``."""
@@ -280,7 +502,8 @@ class Store(Session):
         """
         def body(storage: SQLiteStorage, note: _Note) -> list[CredentialInfo]:
             self._full_check(storage, versions=False)
-            found = [CredentialInfo(h.service, h.username, h.current_version, h.updated_at)
+            found = [CredentialInfo(h.service, h.username, h.current_version, h.updated_at,
+                                    h.expires_at, *_refresh_info(h))
                      for _, h in storage.all_heads() if h.current_version is not None]
             seen: dict[str, bool] = {}
             shown = [c for c in found if self._may_see(c.service, seen)]
@@ -474,6 +697,7 @@ class Store(Session):
             "created_implicitly": found["created_implicitly"],
             "sealed": found["sealed"],
             "last_restore": found["last_restore"],
+            "refresh": refreshing.counts(self),
             **found["counts"],
             "warnings": self._warnings(),
         }
