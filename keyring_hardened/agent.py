@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from . import agentproto
 from .errors import ConfigError, DeniedError, HardenedError, LockedError, UsageError
 from .location import Location, validate_actor
+from .refresh import BackgroundRefresh, start_background
 
 __all__ = ["Agent", "Peer", "harden_process", "identify", "program_of"]
 
@@ -149,6 +150,10 @@ class Agent:
         self.last = self.started
         self.served = 0
         self.store: Any = None
+        #: The background refresh of the unlocked store (refresh.py), if unlocked:
+        #: a pass every ``[refresh] interval``, and at once when a read finds a
+        #: credential inside its refresh-ahead window.
+        self._refresher: BackgroundRefresh | None = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -162,11 +167,21 @@ class Agent:
         """Open the vault (again): the key file, or ``passphrase`` / the usual sources."""
         with self._lock:
             if self.store is None:
-                self.store = self._open(passphrase)
+                store = self._open(passphrase)
+                # Due credentials are refreshed while the agent holds the vault
+                # (refresh ahead, and expired ones with a refresher), so callers
+                # find them fresh; the thread's events name the agent itself.
+                self._refresher = start_background(store, store.config.refresh_interval)
+                self.store = store
 
     def lock(self) -> None:
         """Close the vault and wipe its keys; requests are refused (exit 6) until unlock."""
         with self._lock:
+            if self._refresher is not None:
+                # Stopped before the keys are wiped: a refresher it runs
+                # finishes (or its lease expires) rather than lose its store.
+                self._refresher.stop()
+                self._refresher = None
             if self.store is not None:
                 self.store.close()
                 self.store = None
@@ -314,8 +329,13 @@ class Agent:
             version = request.get("v") if isinstance(request, dict) else None
             if type(version) is not int or version != agentproto.VERSION:
                 raise UsageError("unknown protocol version (expected v 1)", "agent-protocol")
-            return {"v": agentproto.VERSION, "ok": True,
-                    "result": self._perform(request, actor, own)}
+            notices: list[str] = []
+            answer = {"v": agentproto.VERSION, "ok": True,
+                      "result": self._perform(request, actor, own, notices)}
+            if notices:
+                # What the caller's CLI prints on stderr (a failing refresher, say).
+                answer["notices"] = notices
+            return answer
         except HardenedError as exc:
             return _error(exc)
         except Exception as exc:  # noqa: BLE001 - the agent must keep serving
@@ -323,7 +343,8 @@ class Agent:
                 "kind": "internal", "code": 70, "reason": "agent-internal",
                 "message": f"internal error in the agent ({type(exc).__name__})"}}
 
-    def _perform(self, request: dict[str, Any], actor: str, own: bool) -> Any:
+    def _perform(self, request: dict[str, Any], actor: str, own: bool,
+                 notices: list[str]) -> Any:
         op = request.get("op")
         if op == "ping":
             return "pong"
@@ -354,24 +375,34 @@ class Agent:
                                   "unlock", "agent-locked")
             self.last = time.monotonic()
             self.served += 1
-            trust = store.config.agent_trust_declared_actor
-            policy = declared if trust and declared else actor
-            label = f"{actor} (declared {declared})" if declared else actor
-            previous = (store.actor, store.policy_actor)
-            store.actor, store.policy_actor = validate_actor(label[:256]), policy
-            try:
-                return _call(store, op, request)
-            except LockedError as exc:
-                if exc.reason != "root-replaced":
-                    raise
-                # A rekey elsewhere revoked the key this agent holds (passphrase
-                # mode cannot re-read it): lock, and say how to go on.
-                self.lock()
-                raise LockedError("the vault was rekeyed after the agent unlocked it; unlock "
-                                  "it again: keyring-hardened agent unlock",
-                                  "agent-locked") from None
-            finally:
-                store.actor, store.policy_actor = previous
+        trust = store.config.agent_trust_declared_actor
+        policy = declared if trust and declared else actor
+        label = f"{actor} (declared {declared})" if declared else actor
+        # Outside the agent's lock: the store serialises its own transactions,
+        # and a read that waits for a refresher (up to refresh_timeout) must
+        # not hold up the other callers. The label is this thread's only
+        # (Session.acting): other callers and the background refresh write
+        # under their own names at the same time.
+        try:
+            with store.acting(validate_actor(label[:256]), policy) as said:
+                result = _call(store, op, request)
+            notices.extend(said)
+            return result
+        except LockedError as exc:
+            if exc.reason != "root-replaced":
+                raise
+            # A rekey elsewhere revoked the key this agent holds (passphrase
+            # mode cannot re-read it): lock, and say how to go on.
+            self.lock()
+            raise LockedError("the vault was rekeyed after the agent unlocked it; unlock "
+                              "it again: keyring-hardened agent unlock",
+                              "agent-locked") from None
+        except UsageError:
+            if store is not self.store:
+                # Locked (idle timeout, `agent lock`) while this request ran.
+                raise LockedError("the agent was locked during the request; unlock it: "
+                                  "keyring-hardened agent unlock", "agent-locked") from None
+            raise
 
 
 def _text(request: dict[str, Any], key: str) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -39,6 +40,7 @@ __all__ = ["ENV_AGENT_SOCK", "MAX_FRAME", "VERSION", "AgentStore", "connect", "r
 
 #: Overrides ``<home>/agent.sock``.
 ENV_AGENT_SOCK = "KEYRING_HARDENED_AGENT_SOCK"
+log = logging.getLogger("keyring_hardened")
 VERSION = 1
 #: A request or an answer is at most this long: a secret (1 MiB) plus names, as JSON.
 MAX_FRAME = 8 << 20
@@ -201,6 +203,17 @@ class AgentStore:
                                "agent-protocol")
         if not answer.get("ok"):
             raise_error(answer.get("error"))
+        said = answer.get("notices")
+        if isinstance(said, list):
+            # Shown on stderr by the CLI like a local store's notices; bounded,
+            # and printable text only, so an answer cannot flood or spoof a terminal.
+            for notice in said[:_NOTICES_MAX]:
+                if isinstance(notice, str) and notice.isprintable():
+                    # As a local store's notice: the CLI prints the list, an app
+                    # hears it through logging; only the latest are kept.
+                    self.notices.append(notice[:_NOTICE_MAX])
+                    log.warning("%s", notice[:_NOTICE_MAX])
+            del self.notices[:-_NOTICES_MAX]
         return answer.get("result")
 
     # -- the credential operations, as Store has them ---------------------------------
@@ -248,6 +261,9 @@ class AgentStore:
 
 
 _TIMEOUT = 60.0
+#: At most this many notices per answer, each at most this long.
+_NOTICES_MAX = 20
+_NOTICE_MAX = 1000
 
 
 def _check_server(sock: socket.socket, path: Path) -> None:

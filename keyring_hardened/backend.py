@@ -262,7 +262,7 @@ class HardenedKeyring(KeyringBackend):
                 # refreshes due credentials in a daemon thread (refresh.py).
                 from .refresh import start_background
 
-                start_background(store)
+                start_background(store, store.config.refresh_interval)
             if create and not existed:
                 _created_notice(location)
             return store

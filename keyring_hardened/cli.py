@@ -307,12 +307,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(_json([{"version": v.version, "key_version": v.kek_version,
                                  "created_at": _stamp(v.created_at), "current": v.current,
-                                 "expires_at": _stamp(v.expires_at) if v.expires_at else None}
+                                 "expires_at": _stamp(v.expires_at) if v.expires_at else None,
+                                 "refresher": v.refresher,
+                                 "refresh_failure": v.refresh_failure}
                                 for v in versions]) + "\n")
     else:
-        _table([["VERSION", "KEY", "CREATED", "EXPIRES", ""]]
+        _table([["VERSION", "KEY", "CREATED", "EXPIRES", "REFRESH", ""]]
                + [[str(v.version), str(v.kek_version), _stamp(v.created_at),
-                   _stamp(v.expires_at), "current" if v.current else ""] for v in versions],
+                   _stamp(v.expires_at),
+                   _refresh_cell(v.refresher, v.refresh_failure) if v.current else "",
+                   "current" if v.current else ""] for v in versions],
                sys.stdout)
     return 0
 

@@ -195,6 +195,13 @@ def _refresh_timeout(key: str, value: Any) -> float:
     return seconds
 
 
+def _refresh_interval(key: str, value: Any) -> float:
+    seconds = parse_duration(value, key)
+    if not 1 <= seconds <= 86400:
+        raise ConfigError(f"{key}: must be between 1s and 1d")
+    return seconds
+
+
 _FLOOR = f" (OWASP floor {OWASP_ARGON2_FLOOR['memory_kib']} KiB, t=2)"
 
 #: The schema: section name ("" for top level) -> option -> field.
@@ -214,6 +221,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "refresh": {
         "background": _bool,
+        "interval": _refresh_interval,
     },
     "storage": {
         "synchronous": _choice("normal", "full"),
@@ -269,11 +277,13 @@ class Config(NamedTuple):
     agent_allow_groups: tuple[str | int, ...] = ()
     #: TTL and refresh (refresh.py): (service glob, seconds) for new credentials,
     #: in file order; a refresher's time limit; variables passed on to commands;
-    #: whether a process using the backend refreshes in a background thread.
+    #: whether a process using the backend refreshes in a background thread,
+    #: and how often that thread (and the agent's) looks for due credentials.
     default_ttl: tuple[tuple[str, float], ...] = ()
     refresh_timeout: float = 30.0
     refresh_env: tuple[str, ...] = ()
     refresh_background: bool = False
+    refresh_interval: float = 30.0
 
     def new_kdf_params(self, algorithm: str | None = None) -> KdfParams:
         """Fresh passphrase KDF parameters (new salt) from these settings."""

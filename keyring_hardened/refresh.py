@@ -984,17 +984,23 @@ def background_of(store: Store) -> BackgroundRefresh | None:
     return found if found is not None and found.alive else None
 
 
-def after_read(store: Store, service: str, username: str, head_id: int, base: int) -> None:
+def after_read(store: Store, service: str, username: str, head_id: int, base: int,
+               failing: str | None = None) -> None:
     """A read found the current version inside its refresh-ahead window (still valid).
 
     With a background thread, wake it; otherwise refresh inline if this
     process wins the lease (the others keep the current value at once). A
     failure is a warning (stderr in the CLI, ``logging`` in an app), never an
-    error: the current value is still good.
+    error: the current value is still good. ``failing``: the failure the head
+    records, so a reader is warned while the refresher keeps failing, also
+    when the attempt is left to the background thread or is backing off.
     """
     handle = background_of(store)
     if handle is not None:
         handle.poke()
+        if failing is not None:
+            store.notice(f"refresh of service {service!r}, user {username!r} is failing "
+                         f"({failing}); the current value is used until it expires")
         return
     try:
         outcome = refresh_one(store, service, username, head_id, base, wait=False)
@@ -1004,6 +1010,12 @@ def after_read(store: Store, service: str, username: str, head_id: int, base: in
     if outcome.result == "failed":
         store.notice(f"refresh of service {service!r}, user {username!r} failed "
                      f"({outcome.summary}); the current value is used until it expires")
+    elif outcome.result == "backoff":
+        store.notice(f"refresh of service {service!r}, user {username!r} is failing: "
+                     f"{outcome.summary}; the current value is used until it expires")
+    elif failing is not None and outcome.result != "refreshed":
+        store.notice(f"refresh of service {service!r}, user {username!r} is failing "
+                     f"({failing}); the current value is used until it expires")
 
 
 def after_expired(store: Store, service: str, username: str, head_id: int, base: int

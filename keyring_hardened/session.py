@@ -366,10 +366,14 @@ class Session:
                  actor: str) -> None:
         self.location = location
         self.config = config
+        #: Per-thread overrides of ``actor`` and ``policy_actor`` (:meth:`acting`):
+        #: the agent serves callers while its background refresh thread writes
+        #: under the agent's own name, and neither may see the other's label.
+        self._acting = threading.local()
         self.actor = actor
         #: Whom the policies and rate limits judge, when not ``actor`` itself: the
         #: agent sets it to the verified identity while the trail records both.
-        self.policy_actor: str | None = None
+        self.policy_actor = None
         self._storage = storage
         self._vault = vault
         self._epoch = vault.generation
@@ -396,6 +400,48 @@ class Session:
         #: Things a person should hear about (an interrupted rekey resolved, a
         #: deletion that could not yet reach the disk). The CLI prints them.
         self.notices: list[str] = []
+
+    @property
+    def actor(self) -> str:
+        """Whom the audit trail names: this thread's :meth:`acting` label, else the session's."""
+        found: str | None = getattr(self._acting, "actor", None)
+        return found if found is not None else self._actor
+
+    @actor.setter
+    def actor(self, value: str) -> None:
+        self._actor = value
+
+    @property
+    def policy_actor(self) -> str | None:
+        """Whom the policies judge when not ``actor`` (this thread's :meth:`acting` value first)."""
+        if getattr(self._acting, "actor", None) is not None:
+            found: str | None = self._acting.policy
+            return found
+        return self._policy_actor
+
+    @policy_actor.setter
+    def policy_actor(self, value: str | None) -> None:
+        self._policy_actor = value
+
+    @contextlib.contextmanager
+    def acting(self, actor: str, policy_actor: str | None = None) -> Iterator[list[str]]:
+        """Act as ``actor`` (judged as ``policy_actor``) in this thread only, for the block.
+
+        A store shared by threads that act for different callers (the agent's
+        connections and its background refresh) must not let one thread's
+        label leak into another's audit event or policy decision, which
+        swapping the shared attributes would. Yields the list that collects
+        the block's notices (see :meth:`notice`).
+        """
+        acting = self._acting
+        previous = (getattr(acting, "actor", None), getattr(acting, "policy", None),
+                    getattr(acting, "notices", None))
+        notices: list[str] = []
+        acting.actor, acting.policy, acting.notices = actor, policy_actor, notices
+        try:
+            yield notices
+        finally:
+            acting.actor, acting.policy, acting.notices = previous
 
     @property
     def subject(self) -> str:
@@ -426,8 +472,13 @@ class Session:
         return f"{type(self).__name__}(home={str(self.location.home)!r}, {state_})"
 
     def notice(self, message: str) -> None:
-        """Tell the person running this (CLI: stderr; library: the logger)."""
-        self.notices.append(message)
+        """Tell the person running this (CLI: stderr; library: the logger).
+
+        Inside :meth:`acting` the notice goes to that block's own list: one
+        caller of the agent never reads another's.
+        """
+        mine: list[str] | None = getattr(self._acting, "notices", None)
+        (mine if mine is not None else self.notices).append(message)
         log.warning("%s", message)
 
     # -- opening ----------------------------------------------------------

@@ -99,6 +99,10 @@ class VersionInfo(NamedTuple):
     created_at: float
     current: bool
     expires_at: float | None = None
+    #: On the current version only: the credential's refresher kind (never its
+    #: spec) and the summary of its last failed refresh, as ``list`` has them.
+    refresher: str | None = None
+    refresh_failure: str | None = None
 
 
 def _check_name(what: str, value: object, *, allow_empty: bool) -> str:
@@ -191,7 +195,7 @@ class Store(Session):
         _check_name("username", username, allow_empty=True)
         _check_version(version)
         # Only a read of the current value refreshes: --version N answers version N or nothing.
-        due: list[tuple[int, int]] | None = [] if version is None else None
+        due: list[tuple[int, int, str | None]] | None = [] if version is None else None
         try:
             value = self._run("read", service, username,
                               self._read_body(service, username, version, due))
@@ -199,7 +203,7 @@ class Store(Session):
             if not due:
                 raise
             # Not inside the read's transaction: the refresher may take 30 s.
-            why = refreshing.after_expired(self, service, username, *due[-1])
+            why = refreshing.after_expired(self, service, username, *due[-1][:2])
             # Read again: the new version, or exit 7 saying why there is none.
             return self._run("read", service, username,
                              self._read_body(service, username, None, None, why))
@@ -208,7 +212,7 @@ class Store(Session):
         return value
 
     def _read_body(self, service: str, username: str, version: int | None,
-                   due: list[tuple[int, int]] | None, why: str | None = None
+                   due: list[tuple[int, int, str | None]] | None, why: str | None = None
                    ) -> Callable[[SQLiteStorage, _Note], Secret]:
         """The body of a read; appends (head id, version) to ``due`` when a refresh is due."""
 
@@ -237,7 +241,7 @@ class Store(Session):
                 now = self._clock()
                 if now >= expires:
                     if plan is not None and due is not None:
-                        due.append((head.id, wanted))
+                        due.append((head.id, wanted, None))
                         raise ExpiredError(f"{_label(service, username)} expired at "
                                            f"{_utc(expires)}", "expired-refreshing")
                     said = why if plan is None or version is None \
@@ -246,7 +250,9 @@ class Store(Session):
                                        "expired")
                 if plan is not None and plan.ahead and due is not None \
                         and now >= expires - plan.ahead:
-                    due.append((head.id, wanted))
+                    # The recorded failure rides along: the reader is warned
+                    # while the refresher keeps failing (refresh.after_read).
+                    due.append((head.id, wanted, plan.failure))
                     note.reason = "refresh-ahead"
             return Secret(self._decrypt(head, row))
 
@@ -550,10 +556,11 @@ class Store(Session):
 
         def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
-            return [VersionInfo(r.version, r.kek_version, r.created_at,
-                                r.version == head.current_version,
-                                head.expires_at if r.version == head.current_version
-                                else r.expires_at)
+            plan = _refresh_info(head)
+            return [VersionInfo(r.version, r.kek_version, r.created_at, True, head.expires_at,
+                                *plan)
+                    if r.version == head.current_version
+                    else VersionInfo(r.version, r.kek_version, r.created_at, False, r.expires_at)
                     for r in map(partial(self._checked, head),
                                  reversed(self._versions(storage, head)))]
 

@@ -213,6 +213,17 @@ def test_cli_set_ttl_refresh_list_status(home: Path, tmp_path: Path) -> None:
         in out
     assert json.loads(cli("status", "--json")[1])["refresh"]["failing"] == 1
     assert cli("list")[1].splitlines()[1].split()[-2:] == ["command", "(failing)"]
+    # history shows it on the current version only, never the spec.
+    code, out, _ = cli("history", "svc", "u")
+    lines = out.splitlines()
+    assert lines[0].split() == ["VERSION", "KEY", "CREATED", "EXPIRES", "REFRESH"]
+    assert lines[1].split()[-3:] == ["command", "(failing)", "current"]
+    assert lines[2].split()[0] == "1"
+    assert "command" not in lines[2]
+    shown = json.loads(cli("history", "svc", "u", "--json")[1])
+    assert [(v["refresher"], v["refresh_failure"]) for v in shown] == [
+        ("command", "exit 1: denied for [redacted]"), (None, None)]
+    assert CANARY not in out + json.dumps(shown)
     assert cli("get", "svc", "u")[1] == "fresh-1\n"
     # ttl: none, a duration, --no-refresh; bad input is exit 2.
     assert cli("ttl", "svc", "u", "none")[0] == 0
