@@ -260,3 +260,25 @@ def test_a_real_agent_refreshes_without_reads_and_its_cli_callers_see_the_warnin
         assert {a for a, _ in _events(home, "read")} == {"root:keyring_hardened"}
     finally:
         run_cli("agent", "stop", home=home, env={})
+
+
+def test_a_request_the_agent_locks_under_is_told_it_is_locked(
+        served: tuple[Agent, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import keyring_hardened.agent as agent_mod
+    from keyring_hardened.errors import LockedError, UsageError
+
+    agent, home = served
+    agent.unlock(None)
+    real = agent_mod._call
+
+    def locked_midway(store: Store, op: str, request: dict[str, object]) -> object:
+        agent.lock()  # the idle timeout, or `agent lock`, while this request runs
+        return real(store, op, request)
+
+    with AgentStore(agent.path, Location.resolve(home)) as client:
+        with pytest.raises(UsageError, match="service must not be empty"):
+            client.get("", "u")  # bad input stays bad input
+        monkeypatch.setattr(agent_mod, "_call", locked_midway)
+        with pytest.raises(LockedError, match="locked during the request") as caught:
+            client.get("api", "deploy")
+        assert caught.value.reason == "agent-locked"
