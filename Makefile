@@ -64,6 +64,8 @@ bench: $(BENCH_VENV)/.installed
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python run.py --out results/latest.md $(BENCH_ARGS)
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python access.py $(BENCH_ACCESS_ARGS)
 	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python agent.py $(BENCH_AGENT_ARGS)
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python moving.py $(BENCH_MOVING_ARGS)
+	cd bench && PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" ../$(BENCH_VENV)/bin/python refresh.py $(BENCH_REFRESH_ARGS)
 
 # The unlock agent: cold keyring get through it, in-process get_password, 8 clients
 bench-agent: $(BENCH_VENV)/.installed
