@@ -178,9 +178,10 @@ class Agent:
         """Close the vault and wipe its keys; requests are refused (exit 6) until unlock."""
         with self._lock:
             if self._refresher is not None:
-                # Stopped before the keys are wiped: a refresher it runs
-                # finishes (or its lease expires) rather than lose its store.
-                self._refresher.stop()
+                # Told to stop, not waited for: a refresher it runs may take up
+                # to refresh_timeout, and the keys are wiped now. Its write then
+                # finds the store closed and is dropped; its lease expires.
+                self._refresher.stop(timeout=0)
                 self._refresher = None
             if self.store is not None:
                 self.store.close()

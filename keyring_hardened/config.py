@@ -185,6 +185,16 @@ def _env_names(key: str, value: Any) -> tuple[str, ...]:
     for i, name in enumerate(value):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
             raise ConfigError(f"{key}[{i}]: not an environment variable name")
+        if name.upper().startswith("KEYRING_HARDENED_"):
+            # The vault's own settings, its passphrase among them: a refresher
+            # is a program outside the vault and never gets them.
+            raise ConfigError(f"{key}[{i}]: {name} is one of keyring-hardened's own variables "
+                              "(KEYRING_HARDENED_*), which are never passed to a refresher")
+        if name.upper().startswith("LD_"):
+            # The dynamic loader's hooks (LD_PRELOAD) change which code runs,
+            # taken from whatever environment the reader happens to have.
+            raise ConfigError(f"{key}[{i}]: {name} changes which code a refresher runs; "
+                              "refusing to pass it on")
     return tuple(value)
 
 

@@ -169,8 +169,11 @@ def nothing(storage: SQLiteStorage, note: Any) -> None:
 
 
 def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
-          service: str | None) -> None:
+          service: str | None, *, limited: bool = True) -> None:
     """Seal, policy, then rate limits, for ``op`` on ``service`` (see the module's docstring).
+
+    ``limited=False``: seal and policy only, for the second step of an
+    operation whose first step already drew its tokens.
 
     Raises :class:`LockedError` (sealed), :class:`DeniedError` or
     :class:`RateLimitedError`; the caller audits the refusal. Bucket
@@ -189,7 +192,7 @@ def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
     found, matches, names = _rules_for(session, config, actor, gate.access, service)
     if found is not None and not found.allowed:
         raise denied(actor, gate.access, service, found)
-    if not matches:
+    if not matches or not limited:
         return
     now = session._clock()
     stored = {(b.rule, b.actor): b for b in meta.buckets}

@@ -44,6 +44,7 @@ lease that expires, and the next reader takes over.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -166,8 +167,33 @@ class RefreshSpec(NamedTuple):
             # that repeats any of them loses it. Over-redaction is the safe side.
             found.append(arg)
             found.extend(p for p in re.split(r"[=:,]", arg) if len(p) >= 4)
-            found.extend(p for p in re.split(r"[\s=:,;'\"()\[\]{}<>|&]+", arg) if len(p) >= 8)
+            found.extend(_words(arg))
         return [p for p in found if len(p) >= 4]
+
+
+#: What splits an argument or an output into the words redacted on their own:
+#: blanks, quotes, brackets, and the separators of options and URLs (a token
+#: is often a URL's path segment, query value or user part).
+_WORD_SPLIT = re.compile(r"[\s=:,;'\"()\[\]{}<>|&/?.@#+%!*$]+")
+
+
+def _words(text: str) -> list[str]:
+    """The long words of ``text`` (8 characters or more): each is redacted on its own."""
+    return [w for w in _WORD_SPLIT.split(text) if len(w) >= 8]
+
+
+def _output_pieces(data: bytes | bytearray) -> list[str]:
+    """What of a refresher's output must not reach a summary: all of it, each line, long words.
+
+    stderr often repeats part of what stdout printed (a token in pretty-printed
+    JSON, then again in the error line), so the value is hidden whole, line
+    by line and word by word. Over-redaction is the safe side.
+    """
+    text = bytes(data).decode("utf-8", "replace").strip()
+    if not text:
+        return []
+    lines = [line.strip() for line in text.splitlines()]
+    return [text, *(line for line in lines if len(line) >= 4), *_words(text)]
 
 
 class RefreshState(NamedTuple):
@@ -246,9 +272,27 @@ def command_spec(text: str, what: str = "--refresh-command") -> RefreshSpec:
         raise UsageError(f"{what}: must name a program")
     if any("\x00" in a for a in argv):
         raise UsageError(f"{what}: must not contain NUL characters")
-    if len(text.encode("utf-8", "surrogatepass")) > 65536:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate: no program could be given it (every run would fail).
+        raise UsageError(f"{what}: must be valid Unicode text (no lone surrogates)") from None
+    if size > 65536:
         raise UsageError(f"{what}: longer than 64 KiB")
+    if "/" in argv[0] and not os.path.isabs(argv[0]):
+        # It would be looked up in whatever folder a reader happens to be in
+        # (a shared /tmp, a checkout someone else controls).
+        raise UsageError(f"{what}: the program must be an absolute path or a name looked up "
+                         "on PATH, not a relative path")
     return RefreshSpec("command", argv)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _plugins() -> dict[str, Any]:
@@ -269,7 +313,7 @@ def plugin_spec(text: str, what: str = "--refresher") -> RefreshSpec:
     if name not in found:
         raise UsageError(f"{what}: no refresher named {name!r} is installed (installed: "
                          f"{', '.join(sorted(found)) or 'none'})")
-    if "\x00" in argument or len(argument) > 65536:
+    if "\x00" in argument or len(argument) > 65536 or not _encodable(argument):
         raise UsageError(f"{what}: the argument must be text of at most 64 KiB, without NUL")
     return RefreshSpec("python", (), name, argument if sep else None)
 
@@ -375,27 +419,61 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def run_command(argv: tuple[str, ...], timeout: float, env_names: Iterable[str] = ()
-                ) -> bytes:
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel kill the child when its parent dies (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: the reader's own timeout is the only bound
+    parent = os.getpid()
+
+    def arm() -> None:
+        # PR_SET_PDEATHSIG: a reader killed mid-refresh (kill -9) cannot enforce
+        # refresh_timeout any more, so the refresher must not outlive it.
+        prctl(1, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the reader died before the line above ran
+            os._exit(1)
+
+    return arm
+
+
+def _child_env(env_names: Iterable[str]) -> dict[str, str]:
+    """PATH, HOME, LANG and the ``refresh_env`` names; PATH without relative entries."""
+    env = {k: os.environ[k] for k in (*BASE_ENV, *env_names) if k in os.environ}
+    if "PATH" in env:
+        # An empty or relative PATH entry is the working folder: a program
+        # name must not be found in a folder someone else controls.
+        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                      if os.path.isabs(p))
+    return env
+
+
+def run_command(argv: tuple[str, ...], timeout: float, env_names: Iterable[str] = (),
+                cwd: str | os.PathLike[str] = "/") -> bytes:
     """Run a refresh command; its stdout minus one trailing newline is the new secret.
 
     No shell; stdin closed; a minimal environment (PATH, HOME, LANG and the
-    configured ``refresh_env`` names); a session of its own, so a timeout
-    kills everything it started. Raises :class:`RefreshFailedError` on a
-    non-zero exit, a timeout, empty output or output over 1 MiB; the summary
-    never holds the output, and the spec's arguments are redacted from the
+    configured ``refresh_env`` names); in ``cwd`` (the vault's folder when a
+    store runs it), never the reader's working folder; a session of its own,
+    so a timeout kills everything it started, and killed by the kernel if the
+    reader dies. Raises :class:`RefreshFailedError` on a non-zero exit, a
+    timeout, empty output or output over 1 MiB; the summary never holds the
+    output, and the spec's arguments and the output are redacted from the
     stderr line it quotes.
     """
     import selectors
     import subprocess
 
     hidden = RefreshSpec("command", argv).sensitive()
-    env = {k: os.environ[k] for k in (*BASE_ENV, *env_names) if k in os.environ}
+    env = _child_env(env_names)
     try:
         # argv, never a shell: the stored command line is not interpreted again.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
                                 stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                close_fds=True)
+                                close_fds=True, cwd=cwd, preexec_fn=_die_with_parent())
     except FileNotFoundError:
         raise _fail(f"program {os.path.basename(argv[0])!r} not found", "", hidden) from None
     except OSError as exc:
@@ -414,8 +492,9 @@ def run_command(argv: tuple[str, ...], timeout: float, env_names: Iterable[str] 
             while selector.get_map():
                 now = time.monotonic()
                 if now >= deadline:
+                    # What it printed so far may be the value: hidden too.
                     failure = _fail(f"timed out after {timeout:g}s", err.decode(
-                        "utf-8", "replace"), hidden)
+                        "utf-8", "replace"), [*hidden, *_output_pieces(out)])
                     break
                 if exited_at is None and proc.poll() is not None:
                     exited_at = now
@@ -448,8 +527,9 @@ def run_command(argv: tuple[str, ...], timeout: float, env_names: Iterable[str] 
         raise failure
     text_err = err.decode("utf-8", "replace")
     value = bytes(out).removesuffix(b"\n")
-    # The new value never goes into a summary, even if stderr repeats it.
-    hidden = [*hidden, *([value.decode("utf-8", "replace")] if len(value) >= 4 else [])]
+    # The new value never goes into a summary, even if stderr repeats it, or
+    # one line or word of it.
+    hidden = [*hidden, *_output_pieces(value)]
     if code != 0:
         what = f"exit {code}" if code > 0 else f"killed by signal {-code}"
         raise _fail(what, text_err, hidden)
@@ -491,6 +571,22 @@ class RefreshContext(NamedTuple):
     #: Seconds the refresher has.
     timeout: float
 
+    def __repr__(self) -> str:
+        # The argument is part of the spec, a secret: a plugin that logs its
+        # context, or a traceback that shows it, must not print it.
+        return (f"RefreshContext(service={self.service!r}, username={self.username!r}, "
+                f"version={self.version!r}, expires_at={self.expires_at!r}, argument=..., "
+                f"timeout={self.timeout!r})")
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+#: The thread of each Python refresher run, by (name, service, username): at
+#: most one runs per credential in a process, even once abandoned at its timeout.
+_workers: dict[tuple[str, str, str], threading.Thread] = {}
+_workers_lock = threading.Lock()
+
 
 def run_python(spec: RefreshSpec, context: RefreshContext) -> bytes:
     """Run a Python refresher in a thread, bounded by ``context.timeout``."""
@@ -507,7 +603,16 @@ def run_python(spec: RefreshSpec, context: RefreshContext) -> bytes:
         except BaseException as exc:  # noqa: BLE001 - reported as the refresh's failure
             error.append(exc)
 
-    worker = threading.Thread(target=call, name=f"refresher-{spec.name}", daemon=True)
+    key = (spec.name, context.service, context.username)
+    with _workers_lock:
+        earlier = _workers.get(key)
+        if earlier is not None and earlier.is_alive():
+            # A thread cannot be killed: one past its time is still running, and
+            # starting another beside it each attempt would pile them up.
+            raise _fail(f"refresher {spec.name!r} is still running from an earlier attempt",
+                        "", hidden)
+        worker = threading.Thread(target=call, name=f"refresher-{spec.name}", daemon=True)
+        _workers[key] = worker
     worker.start()
     worker.join(context.timeout)
     if worker.is_alive():
@@ -551,16 +656,20 @@ def file_refresher(context: RefreshContext) -> str:
     A Kubernetes projected service-account token, a Vault agent sink: the
     file minus one trailing newline, at most 1 MiB; empty is a failure.
     """
+    from ._files import trust_problems
+
     path = context.argument or ""
     if not os.path.isabs(path):
         raise ValueError("file: the argument must be an absolute path")
-    # O_NONBLOCK: a FIFO planted at the path must not hang the reader.
+    # O_NONBLOCK: a FIFO planted at the path must not hang the reader. Links are
+    # followed (a Kubernetes token path is one), but the file itself must be
+    # trusted like a config file: owned by you or root, writable by nobody
+    # else, so another user cannot choose the secret.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("file: not a regular file")
+        problems = trust_problems(os.fstat(fd), path, "file:", private=False)
+        if problems:
+            raise ValueError(problems[0])
         data = os.read(fd, OUTPUT_LIMIT + 2)
     finally:
         os.close(fd)
@@ -726,9 +835,14 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
             note.reason = "superseded; value discarded"
             return None
         state = state_of(head)
-        if state is None:  # the refresher was removed meanwhile
+        if state is None or open_spec(store, head, state) != started.spec:
+            # The refresher was removed or replaced meanwhile (the owner pointed
+            # it elsewhere, or purged the credential and made it again with
+            # another): what the old one printed is not this credential's value.
+            # The spec is compared opened, as key rotation re-seals it.
             lost.append(True)
-            note.reason = "superseded; refresher removed"
+            note.reason = "superseded; refresher " + ("removed" if state is None
+                                                      else "replaced")
             storage.drop_lease(head.id, token)
             return None
         now = store._clock()
@@ -739,7 +853,11 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
             store._touch(service)
             return None
         assert value is not None  # noqa: S101 - value or failure, never neither
-        version = store._write_version(storage, head, value, now, note, started.ttl)
+        # The TTL as it is now: one changed during the run (`ttl ... none`) stands.
+        current = next((store._checked(head, r) for r in store._versions(storage, head)
+                        if r.version == started.base), None)
+        ttl = current.ttl if current is not None else started.ttl
+        version = store._write_version(storage, head, value, now, note, ttl)
         # A success clears the failure; the spec moves to the active KEK
         # (so rotated keys can retire) whenever it was sealed under an older one.
         new_state = state._replace(failure=None, failed_at=None, failures=0)
@@ -750,8 +868,11 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
         note.reason = f"refreshed; version {version}"
         return version
 
+    # The start drew this refresh's write token; the write is the same
+    # refresh, so it does not draw another (a limit of one write must not let
+    # the refresher run and then throw its value away). Seal and policy still hold.
     if failure is None:
-        version = store._run("refresh", service, username, body, writes=True)
+        version = store._run("refresh", service, username, body, writes=True, admitted=True)
     else:
         def finish(storage: SQLiteStorage, note: _Note) -> Any:
             # The failure is recorded (the state changes) and audited with
@@ -762,7 +883,8 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
                                  failure if not lost else None, None,
                                  note.reason)
 
-        version = store._run("refresh", service, username, body, writes=True, finish=finish)
+        version = store._run("refresh", service, username, body, writes=True, finish=finish,
+                             admitted=True)
     if lost:
         return Outcome(service, username, "superseded")
     if failure is not None:
@@ -773,7 +895,7 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
 def _run_spec(store: Store, service: str, username: str, started: _Started) -> bytes:
     if started.spec.kind == "command":
         return run_command(started.spec.argv, store.config.refresh_timeout,
-                           store.config.refresh_env)
+                           store.config.refresh_env, cwd=store.location.home)
     return run_python(started.spec, RefreshContext(
         service, username, started.base, started.expires_at, started.spec.argument,
         store.config.refresh_timeout))
@@ -789,6 +911,7 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
     """
     token = os.urandom(16)
     deadline = time.monotonic() + _longest(store)
+    gave_up = False
     while True:
         # A look before the write transaction: when a runner already holds the
         # lease, its waiters add no writer to the queue it must get through.
@@ -807,6 +930,13 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
             if why == "expired":
                 deadline = time.monotonic() + _longest(store)
                 continue  # the runner died: take over
+            if why == "gone" and not gave_up:
+                # The runner let go without a new version: it failed (its
+                # back-off now stops a second run at the start), or it was
+                # refused at the door (an actor denied write): one more try
+                # here, so such a reader cannot stop the allowed ones.
+                gave_up = True
+                continue
             return Outcome(service, username, {"changed": "changed", "gone": "waited-failed"}
                            .get(why, "timed-out"))
         break
@@ -829,7 +959,14 @@ def refresh_one(store: Store, service: str, username: str, head_id: int, base: i
         _drop_lease(store, head_id, token)
         raise
     crash_point("refresh-before-write")
-    return _finish(store, service, username, started, token, value, failure)
+    try:
+        return _finish(store, service, username, started, token, value, failure)
+    except BaseException:
+        # Refused (sealed, denied, rekeyed) or failed: let go, so readers do not
+        # wait out the lease of a runner that has given up.
+        with contextlib.suppress(HardenedError):
+            _drop_lease(store, head_id, token)
+        raise
 
 
 class _Hint(NamedTuple):
@@ -926,6 +1063,8 @@ class BackgroundRefresh:
                         log.warning("refresh of service %r, user %r failed: %s",
                                     outcome.service, outcome.username, outcome.summary)
             except HardenedError as exc:
+                if self._stop.is_set():
+                    break  # stopped (and its store closed) mid-pass: nothing to report
                 log.warning("background refresh: %s", exc)
             except Exception:
                 log.exception("background refresh: internal error")
@@ -946,7 +1085,8 @@ class BackgroundRefresh:
         """Stop the thread and wait for it (a refresher it runs finishes first)."""
         self._stop.set()
         self._poke.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if timeout != 0 and self._thread.is_alive() \
+                and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None
                               else self._store.config.refresh_timeout + LEASE_GRACE + 5)
         _running.pop(id(self._store), None)

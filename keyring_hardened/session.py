@@ -1084,18 +1084,21 @@ class Session:
 
     def _run(self, op: str, service: str | None, username: str | None,
              body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-             finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
+             finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None,
+             admitted: bool = False) -> T:
         """Run an operation (see :meth:`_run_once`), retrying once after a rekey elsewhere.
 
         After another process's rekey, key-file mode unlocks again with the
         new key file (see :meth:`_reunlock`); passphrase mode fails (exit 6).
         """
         try:
-            return self._run_once(op, service, username, body, writes=writes, finish=finish)
+            return self._run_once(op, service, username, body, writes=writes, finish=finish,
+                                  admitted=admitted)
         except LockedError as exc:
             if exc.reason != "root-replaced" or not self._reunlock():
                 raise
-        return self._run_once(op, service, username, body, writes=writes, finish=finish)
+        return self._run_once(op, service, username, body, writes=writes, finish=finish,
+                              admitted=admitted)
 
     def _reunlock(self) -> bool:
         """Take the new keys after another process's rekey; False in passphrase mode.
@@ -1130,7 +1133,8 @@ class Session:
 
     def _run_once(self, op: str, service: str | None, username: str | None,
                   body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-                  finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
+                  finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None,
+                  admitted: bool = False) -> T:
         """Run ``body`` and append its audit event in one write transaction.
 
         The newest event is checked first, and everything the body reads is
@@ -1138,7 +1142,10 @@ class Session:
         audited too (its changes undone first, the event kept) and then
         raised. If the event cannot be written, nothing the body did is kept
         and nothing is returned: fail closed. ``finish`` replaces the usual
-        event (a rekey chains its own).
+        event (a rekey chains its own). ``admitted``: the second step of an
+        operation whose first step drew its rate-limit tokens (a refresh's
+        write after its start): seal and policy are checked again, no token
+        is drawn.
         """
         note = _Note()
         failure: HardenedError | None = None
@@ -1151,7 +1158,7 @@ class Session:
                     try:
                         # Seal, policy and rate limits, in this transaction: the
                         # buckets commit with the event, granted or not.
-                        gate.admit(self, storage, tx, op, service)
+                        gate.admit(self, storage, tx, op, service, limited=not admitted)
                     except HardenedError as exc:
                         failure = exc
                     if failure is None and writes:

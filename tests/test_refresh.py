@@ -530,7 +530,8 @@ def test_the_file_refresher(store: Store, tmp_path: Path) -> None:
     assert store.refresh("svc", "u").summary == "empty output"
     token.unlink()
     token.mkdir()
-    assert store.refresh("svc", "u").summary == "ValueError: file: not a regular file"
+    assert store.refresh("svc", "u").summary == \
+        "ValueError: file: [redacted] is a directory, not a regular file"
     store.ttl("svc", "u", refresher=plugin_spec("file:relative"))
     assert store.refresh("svc", "u").summary == \
         "ValueError: file: the argument must be an absolute path"
