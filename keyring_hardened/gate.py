@@ -41,11 +41,11 @@ from .access import (
     tokens_now,
 )
 from .errors import DeniedError, LockedError, RateLimitedError
-from .storage import BucketRow
+from .port import BucketRow
 
 if TYPE_CHECKING:
+    from .port import Storage
     from .session import Meta, Session, _Tx
-    from .storage import SQLiteStorage
 
 __all__ = ["ALL_SERVICES", "OPS", "Gate", "bucket_rule", "describe_service"]
 
@@ -164,11 +164,11 @@ def require_admin(session: Session, op: str) -> None:
     raise RuntimeError("the door let a denied admin request in")  # pragma: no cover
 
 
-def nothing(storage: SQLiteStorage, note: Any) -> None:
+def nothing(storage: Storage, note: Any) -> None:
     """An operation that does nothing: only the door's check and its audit event."""
 
 
-def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
+def admit(session: Session, storage: Storage, tx: _Tx, op: str,
           service: str | None) -> None:
     """Seal, policy, then rate limits, for ``op`` on ``service`` (see the module's docstring).
 
@@ -248,7 +248,7 @@ def _rules_for(session: Session, config: AccessConfig, actor: str, access: str,
     return found
 
 
-def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta,
+def _store_buckets(session: Session, storage: Storage, tx: _Tx, meta: Meta,
                    config: AccessConfig, actor: str, now: float,
                    new: dict[tuple[str, str], Bucket]) -> None:
     """Write the matched buckets, drop those that refilled (or lost their rule), re-root.

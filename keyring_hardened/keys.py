@@ -33,6 +33,7 @@ from ._seams import crash_point as _crash_point
 from .envelope import DecryptFailed, Place
 from .errors import HardenedError, IntegrityError, UsageError
 from .location import Location
+from .port import Storage, VersionRow
 from .rootkey import (
     KdfParams,
     RootKey,
@@ -43,7 +44,6 @@ from .rootkey import (
 )
 from .session import _version_digest
 from .state import bucket_of
-from .storage import SQLiteStorage, VersionRow
 
 if TYPE_CHECKING:
     from .session import Session, _Note
@@ -112,7 +112,7 @@ def _describe(mode: str) -> str:
     return "the new key file" if mode == "key file" else "the new passphrase"
 
 
-def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str | None:
+def recover_interrupted_rekey(location: Location, storage: Storage) -> str | None:
     """Finish or undo the file steps of a rekey that was killed; say which key opens the vault.
 
     Nothing in the journal is trusted to decide an action: what to do is read
@@ -189,7 +189,7 @@ class KeyManager:
 
     def versions(self) -> list[KeyInfo]:
         """Every KEK version: state, creation time, data keys it wraps, wrap count."""
-        def body(storage: SQLiteStorage, note: _Note) -> list[KeyInfo]:
+        def body(storage: Storage, note: _Note) -> list[KeyInfo]:
             in_use = storage.keys_in_use()
             return [KeyInfo(k.version, k.state, k.created_at, in_use.get(k.version, 0),
                             k.wrap_count) for k in self._store._meta(storage).keks]
@@ -200,7 +200,7 @@ class KeyManager:
         """Add a KEK version and make it active; returns its number."""
         store = self._store
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             version = store._rotate_in(storage, store._clock(), "manual", record=False)
             note.key_version = version
             note.reason = "manual"
@@ -221,7 +221,7 @@ class KeyManager:
         store = self._store
         started = time.perf_counter()
 
-        def count(storage: SQLiteStorage, note: _Note) -> tuple[int, int]:
+        def count(storage: Storage, note: _Note) -> tuple[int, int]:
             active = store._meta(storage).active
             note.key_version = active.version
             return active.version, storage.under_keks_below(active.version)[0]
@@ -229,7 +229,7 @@ class KeyManager:
         target, total = store._run("key-rewrap-plan", None, None, count)
         done = batches = 0
 
-        def one_batch(storage: SQLiteStorage, note: _Note) -> int:
+        def one_batch(storage: Storage, note: _Note) -> int:
             active = store._meta(storage).active
             new = store._kek(active.version)
             found = storage.rewrap_candidates(active.version, batch)
@@ -293,7 +293,7 @@ class KeyManager:
         """Retire KEK versions under ``below``; refused while anything still uses them."""
         store = self._store
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[int]:
+        def body(storage: Storage, note: _Note) -> list[int]:
             active = store._meta(storage).active
             if below > active.version:
                 raise UsageError(f"cannot retire key version {active.version}: it is the "
@@ -391,7 +391,7 @@ class KeyManager:
         _crash_point("rekey-before-commit")
         made: list[VaultKeys] = []
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             meta = store._meta(storage)
             vault = meta.vault
             if vault.generation != generation:
@@ -436,7 +436,7 @@ class KeyManager:
                                                 root=new_root)
             note.reason = f"{old_mode}-to-{target}".replace(" ", "-")
 
-        def finish(storage: SQLiteStorage, note: _Note) -> audit.Event:
+        def finish(storage: Storage, note: _Note) -> audit.Event:
             store._state().meta = None  # the vault record changed; let the commit re-read it
             return store._append(storage, "key-rekey", None, None, None, note.key_version,
                                  note.reason, keys=made[-1], epoch=generation + 1)

@@ -69,8 +69,8 @@ from .errors import (
 from .secret import Secret
 
 if TYPE_CHECKING:
+    from .port import HeadRow, Storage
     from .session import Session, _Note
-    from .storage import HeadRow, SQLiteStorage
     from .store import Store
 
 __all__ = [
@@ -274,7 +274,7 @@ def plugin_spec(text: str, what: str = "--refresher") -> RefreshSpec:
     return RefreshSpec("python", (), name, argument if sep else None)
 
 
-def seal_spec(store: Session, storage: SQLiteStorage, service: str, username: str,
+def seal_spec(store: Session, storage: Storage, service: str, username: str,
               spec: RefreshSpec, ahead: float | None) -> RefreshState:
     """Seal a spec under the active KEK (inside an operation's transaction); no failure."""
     active = store._meta(storage).active
@@ -301,7 +301,7 @@ def open_spec(store: Session, head: HeadRow, state: RefreshState) -> RefreshSpec
                              "refresher's integrity check failed", "refresh-spec") from None
 
 
-def specs_below(storage: SQLiteStorage, below: int) -> int:
+def specs_below(storage: Storage, below: int) -> int:
     """How many refresher specs are sealed under a KEK version below ``below`` (retire)."""
     found = 0
     for row in storage.refresh_hints():
@@ -323,7 +323,7 @@ def rewrap_specs(store: Session) -> int:
     if not kek_versions:
         return 0  # no refresher at all: no event (the common case)
 
-    def body(storage: SQLiteStorage, note: _Note) -> int:
+    def body(storage: Storage, note: _Note) -> int:
         active = store._meta(storage).active.version
         moved = 0
         for _id, service, username, _cur, _exp, blob in storage.refresh_hints():
@@ -673,7 +673,7 @@ def _start(store: Store, service: str, username: str, head_id: int, base: int,
            token: bytes, force: bool) -> _Started | Outcome:
     """The audited start: the door (a write), the lease still ours, due, the spec opened."""
 
-    def body(storage: SQLiteStorage, note: _Note) -> _Started | Outcome:
+    def body(storage: Storage, note: _Note) -> _Started | Outcome:
         head = store._existing(storage, service, username)
         lease = storage.lease(head.id)
         if head.id != head_id or head.current_version != base or lease is None \
@@ -716,7 +716,7 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
     """Write the new version (or the failure) if the lease and the base version still hold."""
     lost: list[bool] = []
 
-    def body(storage: SQLiteStorage, note: _Note) -> int | None:
+    def body(storage: Storage, note: _Note) -> int | None:
         head = store._existing(storage, service, username)
         lease = storage.lease(head.id)
         if head.current_version != started.base or lease is None or lease[1] != token:
@@ -753,7 +753,7 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
     if failure is None:
         version = store._run("refresh", service, username, body, writes=True)
     else:
-        def finish(storage: SQLiteStorage, note: _Note) -> Any:
+        def finish(storage: Storage, note: _Note) -> Any:
             # The failure is recorded (the state changes) and audited with
             # outcome "expired" and its summary: commit the new root first,
             # then chain the failure event carrying it.

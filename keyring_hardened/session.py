@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
 from . import audit, envelope, gate, state
 from ._seams import crash_point
 from .config import Config, load_config
+from .engines import engine
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
     ConfigError,
@@ -42,6 +43,15 @@ from .errors import (
     UsageError,
 )
 from .location import Location, default_actor, validate_actor
+from .port import (
+    BucketRow,
+    HeadRow,
+    KekRecord,
+    Storage,
+    VaultMissingError,
+    VaultRecord,
+    VersionRow,
+)
 from .rootkey import (
     KdfParams,
     RootKey,
@@ -49,15 +59,6 @@ from .rootkey import (
     create_key_file,
     derive_from_passphrase,
     read_key_file,
-)
-from .storage import (
-    BucketRow,
-    HeadRow,
-    KekRecord,
-    SQLiteStorage,
-    VaultMissingError,
-    VaultRecord,
-    VersionRow,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +114,15 @@ class _Note:
     def __init__(self) -> None:
         self.key_version: int | None = None
         self.reason: str | None = None
+
+
+#: An operation's body (see :meth:`Session._run`): called with the open
+#: storage and the note for its audit event. The storage parameter is ``Any``
+#: rather than :class:`~keyring_hardened.port.Storage` only so that a test may
+#: pass a body that reaches into the concrete engine under the port (a
+#: parameter type is contravariant); every body in the core annotates it as
+#: ``Storage``, and mypy checks each body against that.
+Body = Callable[[Any, _Note], T]
 
 
 class Meta(NamedTuple):
@@ -203,7 +213,7 @@ _ATTEMPT_STALE = 120.0
 _BUSY_WAIT = 30.0
 
 
-def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
+def _record_pending(storage: Storage, clock: Clock, actor: str,
                     exc: HardenedError) -> None:
     """Keep a failed unlock for the trail; it is chained at the next good unlock."""
     # The unlock failed anyway; a vault we cannot write (read-only media)
@@ -215,7 +225,7 @@ def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
 class _Attempt:
     """One unlock attempt as the throttle counts it; end it with exactly one outcome."""
 
-    def __init__(self, storage: SQLiteStorage, clock: Clock, attempt: int | None,
+    def __init__(self, storage: Storage, clock: Clock, attempt: int | None,
                  failures: int) -> None:
         self._storage, self._clock = storage, clock
         self._attempt, self._failures = attempt, failures
@@ -233,7 +243,7 @@ class _Attempt:
                 self._storage.end_unlock_attempt(self._attempt, outcome, self._clock())
 
 
-def _throttle(storage: SQLiteStorage, clock: Clock, claim: bool) -> _Attempt:
+def _throttle(storage: Storage, clock: Clock, claim: bool) -> _Attempt:
     """Refuse an unlock attempt while the failed-unlock backoff runs; else start one.
 
     ``claim`` (passphrase vaults): the attempt is recorded as running before
@@ -361,7 +371,7 @@ class Session:
     process reconnects to the database on its first call.
     """
 
-    def __init__(self, location: Location, config: Config, storage: SQLiteStorage,
+    def __init__(self, location: Location, config: Config, storage: Storage,
                  vault: VaultRecord, root: RootKey, vkeys: VaultKeys, clock: Clock,
                  actor: str) -> None:
         self.location = location
@@ -453,7 +463,7 @@ class Session:
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
         try:
-            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         except VaultMissingError:
             if not create:
                 raise
@@ -462,7 +472,7 @@ class Session:
             if made is not None:
                 return made
             # Another process created it first: use theirs.
-            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             notice = None
             if location.home.joinpath(REKEY_JOURNAL).exists():
@@ -494,7 +504,7 @@ class Session:
             raise
 
     @classmethod
-    def _ready(cls, location: Location, cfg: Config, storage: SQLiteStorage,
+    def _ready(cls, location: Location, cfg: Config, storage: Storage,
                vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> Self:
         """Finish unlocking: check the state, unwrap the KEKs, chain failed unlocks."""
         try:
@@ -607,14 +617,14 @@ class Session:
                                 1, state.root_of(meta, state.EMPTY_NODE))
             event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
             vkeys.close()
-            if not SQLiteStorage.create(location.database, record, kek_record, event,
-                                        {state.META_KEY: meta}):
+            if not engine().create(location.database, record, kek_record, event,
+                                   {state.META_KEY: meta}):
                 root.close()
                 return None
         finally:
             kek.wipe()
         crash_point("create-after-link")
-        storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+        storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
         except BaseException:
@@ -692,7 +702,7 @@ class Session:
 
     # -- the authenticated state ------------------------------------------
 
-    def _begin(self, storage: SQLiteStorage) -> _Tx:
+    def _begin(self, storage: Storage) -> _Tx:
         """Check the newest event, whose mac covers the state root; start a state check.
 
         The newest event cannot be forged without the audit key, so its root
@@ -730,7 +740,7 @@ class Session:
                                      "(tampered?)", "audit-head")
         return _Tx(head.root, (head.seq, head.mac))
 
-    def _path_nodes(self, storage: SQLiteStorage, tx: _Tx, buckets: list[int]) -> None:
+    def _path_nodes(self, storage: Storage, tx: _Tx, buckets: list[int]) -> None:
         wanted = {key for b in buckets for key, _ in state.path_keys(b)} | {state.META_KEY,
                                                                             (0, 0)}
         missing = wanted - tx.nodes.keys()
@@ -740,14 +750,14 @@ class Session:
                 tx.nodes[key] = found.get(key, state.EMPTY_NODE if key[0] != 255
                                           else state.EMPTY)
 
-    def _bucket(self, storage: SQLiteStorage, tx: _Tx, bucket: int) -> list[HeadRow]:
+    def _bucket(self, storage: Storage, tx: _Tx, bucket: int) -> list[HeadRow]:
         """The heads of one bucket, checked against the state root."""
         found = tx.buckets.get(bucket)
         if found is None:
             found = self._buckets(storage, tx, {bucket})[bucket]
         return found
 
-    def _buckets(self, storage: SQLiteStorage, tx: _Tx, buckets: set[int]
+    def _buckets(self, storage: Storage, tx: _Tx, buckets: set[int]
                  ) -> dict[int, list[HeadRow]]:
         """The heads of several buckets, each checked against the state root."""
         wanted = buckets - tx.buckets.keys()
@@ -773,14 +783,14 @@ class Session:
                 tx.buckets[bucket] = heads
         return {b: tx.buckets[b] for b in buckets}
 
-    def _find(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow | None:
+    def _find(self, storage: Storage, service: str, username: str) -> HeadRow | None:
         """A credential's head, deleted or not, checked against the state root."""
         for h in self._bucket(storage, self._state(), state.bucket_of(service)):
             if h.service == service and h.username == username:
                 return h
         return None
 
-    def _versions(self, storage: SQLiteStorage, head: HeadRow) -> list[VersionRow]:
+    def _versions(self, storage: Storage, head: HeadRow) -> list[VersionRow]:
         """A credential's kept versions, their list checked against the head's version digest.
 
         The list (which versions exist, and each one's digest) is checked
@@ -807,7 +817,7 @@ class Session:
                             "state-version")
         return row
 
-    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None, *,
+    def _meta(self, storage: Storage, tx: _Tx | None = None, *,
               fresh: bool = False) -> Meta:
         """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, checked.
 
@@ -862,7 +872,7 @@ class Session:
         tx.meta_dirty = True
         tx.meta_exact = False  # read them again when the root is computed
 
-    def _count_wrap(self, storage: SQLiteStorage, kek_version: int, n: int = 1) -> None:
+    def _count_wrap(self, storage: Storage, kek_version: int, n: int = 1) -> None:
         """Count wraps under a KEK, in the rows and in the checked copy alike.
 
         The common write changes nothing else of the vault-wide rows, so the
@@ -920,7 +930,7 @@ class Session:
         finally:
             root.close()
 
-    def _commit_state(self, storage: SQLiteStorage) -> bytes:
+    def _commit_state(self, storage: Storage) -> bytes:
         """Recompute the root after this operation's changes, and store the changed nodes."""
         tx = self._state()
         if not tx.touched and not tx.meta_dirty:
@@ -947,7 +957,7 @@ class Session:
         tx.root = state.root_of(meta_digest, tx.nodes[(0, 0)])
         return tx.root
 
-    def _full_check(self, storage: SQLiteStorage, versions: bool = True) -> int:
+    def _full_check(self, storage: Storage, versions: bool = True) -> int:
         """Check every row of the vault against the root; returns the credential count.
 
         Used by ``audit verify`` (and, without the version rows, by ``list``):
@@ -987,16 +997,16 @@ class Session:
     # -- plumbing ---------------------------------------------------------
 
     @contextmanager
-    def _guard(self) -> Iterator[SQLiteStorage]:
+    def _guard(self) -> Iterator[Storage]:
         with self._lock:
             if self._closed:
                 raise UsageError("the store is closed")
             if os.getpid() != self._pid:
                 # After fork the inherited connection belongs to the parent:
                 # leave it untouched and open our own.
-                self._storage = SQLiteStorage.open(self.location.database,
-                                                   self.config.synchronous,
-                                                   self.config.busy_timeout)
+                self._storage = engine().open(self.location.database,
+                                              self.config.synchronous,
+                                              self.config.busy_timeout)
                 self._pid = os.getpid()
             yield self._storage
 
@@ -1007,7 +1017,7 @@ class Session:
         key = self._ident_key if self._ident_key is not None else self._vkeys.identifier_key
         return audit.hash_identifier(key, name)
 
-    def _append(self, storage: SQLiteStorage, op: str, service: str | None,
+    def _append(self, storage: Storage, op: str, service: str | None,
                 username: str | None, failure: HardenedError | None,
                 key_version: int | None, reason: str | None = None, *,
                 keys: VaultKeys | None = None, epoch: int | None = None) -> audit.Event:
@@ -1032,8 +1042,8 @@ class Session:
         return event
 
     def _run(self, op: str, service: str | None, username: str | None,
-             body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-             finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
+             body: Body[T], *, writes: bool = False,
+             finish: Body[audit.Event] | None = None) -> T:
         """Run an operation (see :meth:`_run_once`), retrying once after a rekey elsewhere.
 
         After another process's rekey, key-file mode unlocks again with the
@@ -1078,8 +1088,8 @@ class Session:
         return True
 
     def _run_once(self, op: str, service: str | None, username: str | None,
-                  body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-                  finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None) -> T:
+                  body: Body[T], *, writes: bool = False,
+                  finish: Body[audit.Event] | None = None) -> T:
         """Run ``body`` and append its audit event in one write transaction.
 
         The newest event is checked first, and everything the body reads is
@@ -1262,7 +1272,7 @@ class Session:
             return "age"
         return None
 
-    def _rotate_in(self, storage: SQLiteStorage, now: float, reason: str,
+    def _rotate_in(self, storage: Storage, now: float, reason: str,
                    record: bool = True, root: RootKey | None = None) -> int:
         """Add a KEK version and make it active, inside the caller's transaction.
 
@@ -1284,7 +1294,7 @@ class Session:
             self._pending_emit.append(event)
         return version
 
-    def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
+    def _write_version(self, storage: Storage, head: HeadRow, data: bytes,
                        now: float, note: _Note, ttl: float | None = None) -> int:
         """Seal ``data`` as the next version of a checked head, under the active KEK.
 
@@ -1315,13 +1325,13 @@ class Session:
         note.key_version = kek.version
         return version
 
-    def _versions_checked(self, storage: SQLiteStorage, head: HeadRow) -> list[tuple[int, bytes]]:
+    def _versions_checked(self, storage: Storage, head: HeadRow) -> list[tuple[int, bytes]]:
         """Check a head's version list before a change builds on it; its (version, digest)s."""
         if head.versions_digest is None and not head.last_version:
             return []
         return [(r.version, r.digest or b"") for r in self._versions(storage, head)]
 
-    def _move_head(self, storage: SQLiteStorage, head: HeadRow, current: int | None,
+    def _move_head(self, storage: Storage, head: HeadRow, current: int | None,
                    last: int, now: float, expires: float | None) -> None:
         """Update a checked head, recomputing its version digest from the kept versions."""
         pairs = [(r.version, r.digest or b"") for r in storage.versions(head.id)]
@@ -1329,7 +1339,7 @@ class Session:
                             state.versions_digest(pairs))
         self._touch(head.service)
 
-    def _existing(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow:
+    def _existing(self, storage: Storage, service: str, username: str) -> HeadRow:
         head = self._find(storage, service, username)
         if head is None:
             raise NotFoundError(f"no credential for {_label(service, username)}", "no-credential")
@@ -1492,7 +1502,7 @@ class Session:
         the root key, and a copy that another key opens is not this vault's.
         """
         who = validate_actor(actor) if actor is not None else default_actor()
-        storage = SQLiteStorage.open_copy(database, config.synchronous, config.busy_timeout)
+        storage = engine().open_copy(database, config.synchronous, config.busy_timeout)
         try:
             vault = storage.vault()
             if vault.state_version != 1:
@@ -1575,7 +1585,7 @@ class Session:
         the replaced vault open, with those KEKs cached by number, can then
         never seal a new secret under a key this vault does not hold.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             note.reason = reason
             meta = self._meta(storage)
             top = meta.active.version

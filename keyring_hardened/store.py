@@ -19,6 +19,7 @@ from . import refresh as refreshing
 from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
 from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
 from .location import validate_actor
+from .port import HeadRow, KekRecord, Storage
 from .secret import Secret
 from .session import (
     IMPLICIT_INIT,
@@ -29,7 +30,6 @@ from .session import (
     _utc,
 )
 from .state import bucket_of
-from .storage import HeadRow, KekRecord, SQLiteStorage
 
 if TYPE_CHECKING:
     from .passphrase import PassphraseProvider
@@ -209,10 +209,10 @@ class Store(Session):
 
     def _read_body(self, service: str, username: str, version: int | None,
                    due: list[tuple[int, int]] | None, why: str | None = None
-                   ) -> Callable[[SQLiteStorage, _Note], Secret]:
+                   ) -> Callable[[Storage, _Note], Secret]:
         """The body of a read; appends (head id, version) to ``due`` when a refresh is due."""
 
-        def body(storage: SQLiteStorage, note: _Note) -> Secret:
+        def body(storage: Storage, note: _Note) -> Secret:
             head = self._existing(storage, service, username)
             if head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} is deleted",
@@ -276,7 +276,7 @@ class Store(Session):
         _check_ahead(ttl, refresh_ahead)
         data = _secret_bytes(secret)
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             now = self._clock()
             head = self._find(storage, service, username)
             if head is None:
@@ -288,7 +288,7 @@ class Store(Session):
 
         return self._run("write", service, username, body, writes=True)
 
-    def _set_refresher(self, storage: SQLiteStorage, head: HeadRow,
+    def _set_refresher(self, storage: Storage, head: HeadRow,
                        refresher: refreshing.RefreshSpec | Literal["keep"] | None,
                        ahead: float | Literal["keep"] | None, *, clear_failure: bool = False,
                        remove: bool = False) -> None:
@@ -338,7 +338,7 @@ class Store(Session):
             raise UsageError("nothing to change: give a TTL, a refresher or a refresh-ahead "
                              "window")
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             head = self._existing(storage, service, username)
             if head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} is deleted",
@@ -395,7 +395,7 @@ class Store(Session):
                          if h.service == service and h.username == username), None)
             if hint is None:
                 # Say why through a checked, audited look: absent, deleted, no refresher.
-                def body(storage: SQLiteStorage, note: _Note) -> None:
+                def body(storage: Storage, note: _Note) -> None:
                     head = self._existing(storage, service, username)
                     if head.current_version is None:
                         raise NotFoundError(f"credential for {_label(service, username)} "
@@ -421,7 +421,7 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             head = self._existing(storage, service, username)
             if purge:
                 storage.purge(head.id)
@@ -452,7 +452,7 @@ class Store(Session):
         _check_name("username", username, allow_empty=True)
         _check_version(to_version)
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             head = self._existing(storage, service, username)
             rows = self._versions(storage, head)
             target = to_version
@@ -500,7 +500,7 @@ class Store(Session):
         Checks every row of the vault. Under policies, what the actor may not
         read is left out (the event's reason counts it), not refused.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> list[CredentialInfo]:
+        def body(storage: Storage, note: _Note) -> list[CredentialInfo]:
             self._full_check(storage, versions=False)
             found = [CredentialInfo(h.service, h.username, h.current_version, h.updated_at,
                                     h.expires_at, *_refresh_info(h))
@@ -522,7 +522,7 @@ class Store(Session):
         """
         _check_name("service", service, allow_empty=False)
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[str]:
+        def body(storage: Storage, note: _Note) -> list[str]:
             config = self.config.access
             if config is not None:
                 # "lookup" itself needs list (checked at the door); naming the
@@ -548,7 +548,7 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
+        def body(storage: Storage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
             return [VersionInfo(r.version, r.kek_version, r.created_at,
                                 r.version == head.current_version,
@@ -567,7 +567,7 @@ class Store(Session):
         The seal is part of the authenticated state, so deleting it from the
         database does not unseal: it breaks the state root (exit 3).
         """
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             meta = self._meta(storage)
             if meta.seal is not None:
                 raise UsageError(f"the vault is already sealed (since {_utc(meta.seal[0])}, by "
@@ -603,7 +603,7 @@ class Store(Session):
             attempt.ended(None)
             proof = None
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             if proof is not None:
                 raise proof
             meta = self._meta(storage)
@@ -629,7 +629,7 @@ class Store(Session):
         actor = validate_actor(actor)
         config = self.config.access or AccessConfig()
 
-        def body(storage: SQLiteStorage, note: _Note) -> Explanation:
+        def body(storage: Storage, note: _Note) -> Explanation:
             meta = self._meta(storage)
             found = gate.decision(config, actor, op, service)
             if op == "list" and service is None:
@@ -658,7 +658,7 @@ class Store(Session):
     def status(self) -> dict[str, Any]:
         """Facts about the vault for ``status``: no secret, no key material."""
 
-        def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
+        def body(storage: Storage, note: _Note) -> dict[str, Any]:
             in_use = storage.keys_in_use()
             meta = self._meta(storage)
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
@@ -759,7 +759,7 @@ class Store(Session):
             raise UsageError("source must be a short printable name")
         data = _secret_bytes(secret)
 
-        def body(storage: SQLiteStorage, note: _Note) -> tuple[str, int | None]:
+        def body(storage: Storage, note: _Note) -> tuple[str, int | None]:
             now = self._clock()
             head = self._find(storage, service, username)
             exists = head is not None and head.current_version is not None
