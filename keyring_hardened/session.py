@@ -2,8 +2,14 @@
 
 :class:`Session` holds the keys of one unlocked vault and runs each
 operation as one write transaction that also appends its audit event
-(:meth:`Session._run`). :class:`~keyring_hardened.store.Store` adds the
-credential operations on top.
+(:meth:`Session._run`), through the access gate
+(:func:`keyring_hardened.gate.admit`). :class:`~keyring_hardened.store.Store`
+adds the credential operations on top, and composes key management
+(:mod:`~keyring_hardened.keys`) and the audit trail
+(:mod:`~keyring_hardened.trail`), which depend on the session and not the
+reverse. Storage is reached only through the port
+(:class:`keyring_hardened.port.Storage`), opened by
+:func:`keyring_hardened.engines.engine`.
 
 Every operation first checks the newest audit event's mac, which covers the
 vault's *state root* (see :mod:`keyring_hardened.state`), and then checks
@@ -26,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from . import audit, envelope, gate, state
 from ._seams import crash_point
@@ -43,6 +49,8 @@ from .errors import (
     UsageError,
 )
 from .location import Location, default_actor, validate_actor
+from .operation import Body, Meta, _Tx
+from .operation import _Note as _Note  # re-exported: its old home
 from .port import (
     BucketRow,
     HeadRow,
@@ -52,6 +60,7 @@ from .port import (
     VaultRecord,
     VersionRow,
 )
+from .rekeyjournal import recover_interrupted_rekey
 from .rootkey import (
     KdfParams,
     RootKey,
@@ -62,10 +71,8 @@ from .rootkey import (
 )
 
 if TYPE_CHECKING:
-    from .keys import KeyManager
     from .passphrase import PassphraseProvider
     from .sinks import Sinks
-    from .trail import AuditTrail
 
 __all__ = ["Session"]
 
@@ -104,81 +111,6 @@ def _sinks(specs: tuple[str, ...]) -> Sinks | _NoSinks:
     from .sinks import Sinks
 
     return Sinks(specs)
-
-
-class _Note:
-    """What an operation's body tells its audit event."""
-
-    __slots__ = ("key_version", "reason")
-
-    def __init__(self) -> None:
-        self.key_version: int | None = None
-        self.reason: str | None = None
-
-
-#: An operation's body (see :meth:`Session._run`): called with the open
-#: storage and the note for its audit event. The storage parameter is ``Any``
-#: rather than :class:`~keyring_hardened.port.Storage` only so that a test may
-#: pass a body that reaches into the concrete engine under the port (a
-#: parameter type is contravariant); every body in the core annotates it as
-#: ``Storage``, and mypy checks each body against that.
-Body = Callable[[Any, _Note], T]
-
-
-class Meta(NamedTuple):
-    """The vault-wide rows, verified against the state root."""
-
-    vault: VaultRecord
-    keks: list[KekRecord]
-    past_keys: list[tuple[int, bytes]]
-    anchor: tuple[int, bytes]
-    #: (since, by whom) when sealed.
-    seal: tuple[float, str] | None = None
-    #: Rate-limit buckets short of tokens, in (rule, actor) order.
-    buckets: list[BucketRow] = []  # noqa: RUF012 - a NamedTuple default, never mutated
-
-    @property
-    def active(self) -> KekRecord:
-        """The KEK version new writes use (verified to be the newest)."""
-        return self.keks[-1]
-
-
-class _Tx:
-    """What one operation has verified, and changed, of the authenticated state."""
-
-    __slots__ = ("begin", "buckets", "last", "meta", "meta_dirty", "meta_exact", "nodes",
-                 "root", "touched", "versions")
-
-    def __init__(self, root: bytes, last: tuple[int, bytes]) -> None:
-        #: The root the newest event carries; everything read is checked against it.
-        self.root = root
-        #: (seq, mac) of the newest event, to chain the next one onto.
-        self.last = last
-        self.begin = (root, last)
-        self.nodes: dict[state.NodeKey, bytes] = {}
-        self.buckets: dict[int, list[HeadRow]] = {}
-        #: Version rows read with their bucket, by head id (not yet checked).
-        self.versions: dict[int, list[VersionRow]] = {}
-        self.meta: Meta | None = None
-        self.touched: set[int] = set()
-        self.meta_dirty = False
-        #: Whether ``meta`` still equals the rows after this operation's changes.
-        self.meta_exact = True
-
-    def forget(self) -> None:
-        """Back to the start: a rolled-back savepoint undid rows and events alike."""
-        self.root, self.last = self.begin
-        self.nodes.clear()
-        self.buckets.clear()
-        self.versions.clear()
-        self.meta = None
-        self.touched.clear()
-        self.meta_dirty = False
-        self.meta_exact = True
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _label(service: str, username: str) -> str:
@@ -413,20 +345,6 @@ class Session:
         return self.policy_actor or self.actor
 
     @property
-    def keys(self) -> KeyManager:
-        """Key management: list, rotate, rewrap, retire, rekey."""
-        from .keys import KeyManager
-
-        return KeyManager(self)
-
-    @property
-    def trail(self) -> AuditTrail:
-        """The audit trail of this vault: verify, show, export, checkpoint, prune."""
-        from .trail import AuditTrail
-
-        return AuditTrail(self)
-
-    @property
     def mode(self) -> str:
         """How the vault is unlocked: ``"key file"`` or ``"passphrase"``."""
         return "passphrase" if self._kdf.uses_passphrase else "key file"
@@ -476,8 +394,6 @@ class Session:
         try:
             notice = None
             if location.home.joinpath(REKEY_JOURNAL).exists():
-                from .keys import recover_interrupted_rekey
-
                 notice = recover_interrupted_rekey(location, storage)
             vault = storage.vault()
             if vault.state_version == 0 and not upgrade:
@@ -1542,31 +1458,6 @@ class Session:
             store.close()
             raise
         return store
-
-    def _check_copy(self) -> dict[str, Any]:
-        """Verify this copy as ``audit verify`` does, read-only; facts about it.
-
-        The whole chain under every epoch's audit key, its ends, and every
-        row against the state root its newest event carries. Raises
-        :class:`IntegrityError` naming the first bad event.
-        """
-        with self._guard() as storage, storage.snapshot():
-            self._tx = self._begin(storage)
-            root = self._tx.root
-            try:
-                result = self.trail._check_table(storage)
-                if not result.ok:
-                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
-                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
-                meta = self._meta(storage)
-                counts = storage.counts()
-            finally:
-                self._tx = None
-        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
-                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
-                "events_verified": result.verified, "key_version": meta.active.version,
-                "root": root,
-                **counts}
 
     def _holds_event(self, seq: int, mac: bytes) -> bool:
         """Whether this vault's trail holds event ``seq`` with ``mac`` (or it is the anchor)."""

@@ -18,21 +18,18 @@ from . import gate
 from . import refresh as refreshing
 from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
 from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
+from .humantime import utc as _utc
 from .location import validate_actor
+from .operation import _Note
 from .port import HeadRow, KekRecord, Storage
 from .secret import Secret
-from .session import (
-    IMPLICIT_INIT,
-    Session,
-    _label,
-    _Note,
-    _throttle,
-    _utc,
-)
+from .session import IMPLICIT_INIT, Session, _label, _throttle
 from .state import bucket_of
 
 if TYPE_CHECKING:
+    from .keys import KeyManager
     from .passphrase import PassphraseProvider
+    from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Explanation", "LimitState", "Store", "VersionInfo"]
 
@@ -176,6 +173,49 @@ class Store(Session):
     share between threads, and survives ``fork``: a child process reconnects
     to the database on its first call.
     """
+
+    # -- key management and the audit trail ----------------------------
+    # Composed here, over the session: keys.py and trail.py depend on the
+    # session, and the session on neither of them.
+
+    @property
+    def keys(self) -> KeyManager:
+        """Key management: list, rotate, rewrap, retire, rekey."""
+        from .keys import KeyManager
+
+        return KeyManager(self)
+
+    @property
+    def trail(self) -> AuditTrail:
+        """The audit trail of this vault: verify, show, export, checkpoint, prune."""
+        from .trail import AuditTrail
+
+        return AuditTrail(self)
+
+    def _check_copy(self) -> dict[str, Any]:
+        """Verify this copy as ``audit verify`` does, read-only; facts about it.
+
+        The whole chain under every epoch's audit key, its ends, and every
+        row against the state root its newest event carries. Raises
+        :class:`IntegrityError` naming the first bad event.
+        """
+        with self._guard() as storage, storage.snapshot():
+            self._tx = self._begin(storage)
+            root = self._tx.root
+            try:
+                result = self.trail._check_table(storage)
+                if not result.ok:
+                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
+                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
+                meta = self._meta(storage)
+                counts = storage.counts()
+            finally:
+                self._tx = None
+        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
+                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
+                "events_verified": result.verified, "key_version": meta.active.version,
+                "root": root,
+                **counts}
 
     # -- operations -------------------------------------------------------
 

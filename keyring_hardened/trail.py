@@ -24,8 +24,9 @@ from .audit import Event, VerifyResult
 from .errors import IntegrityError, UsageError
 
 if TYPE_CHECKING:
+    from .operation import _Note
     from .port import Storage
-    from .session import Session, _Note
+    from .session import Session
 
 __all__ = ["AuditTrail"]
 
