@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from .config import parse_duration
 from .errors import ConfigError
+from .humantime import parse_duration
 
 __all__ = [
     "ACCESS_KEYS",

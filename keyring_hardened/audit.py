@@ -201,8 +201,8 @@ def parse_since(text: str, now: float) -> float:
     """
     import datetime as dt
 
-    from .config import parse_duration
     from .errors import UsageError
+    from .humantime import parse_duration
 
     word = text.strip().lower()
     local_now = dt.datetime.fromtimestamp(now).astimezone()

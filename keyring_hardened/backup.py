@@ -13,8 +13,8 @@ checks it the same way, refuses a copy of another vault (``--force``) and a
 copy older than the live vault (``--allow-rollback``), chains a ``restore``
 event onto it, and only then replaces the live vault's rows in one SQLite
 transaction, keeping what it replaced as ``vault.db.replaced-<timestamp>``.
-See :meth:`SQLiteStorage.replace_with
-<keyring_hardened.storage.SQLiteStorage.replace_with>` for why the swap is a
+See ``replace_with`` in :mod:`keyring_hardened.storage` (the SQLite engine
+behind :class:`keyring_hardened.port.Storage`) for why the swap is a
 transaction and not a file rename.
 
 Copying ``vault.db`` with ``cp`` is not a backup: the newest commits live in
@@ -43,8 +43,8 @@ from .location import Location
 if TYPE_CHECKING:
     from .config import Config
     from .passphrase import PassphraseProvider
+    from .port import Storage
     from .session import Session
-    from .storage import SQLiteStorage
 
 __all__ = ["BackupReport", "RestoreReport", "backup", "restore"]
 
@@ -239,7 +239,7 @@ def backup(store: Session, target: Path) -> BackupReport:
         except HardenedError as exc:
             failure = exc
 
-            def failed(storage: SQLiteStorage, note: Any) -> None:
+            def failed(storage: Storage, note: Any) -> None:
                 raise failure
 
             store._run("backup", None, None, failed)
@@ -257,7 +257,7 @@ def backup(store: Session, target: Path) -> BackupReport:
         finally:
             os.close(src)
 
-        def body(storage: SQLiteStorage, note: Any) -> None:
+        def body(storage: Storage, note: Any) -> None:
             note.reason = f"to {_path_text(target)}; head {facts['head_seq']}"
             crash_point("backup-before-rename")
             try:
@@ -312,7 +312,7 @@ def _replaced_name(database: Path, now: float) -> Path:
 class _Live:
     """What restore reads of the live vault, raw: identity, newest event, newest key."""
 
-    def __init__(self, storage: SQLiteStorage) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.vault_id = storage.vault().vault_id
         self.head = storage.audit_head()
@@ -340,8 +340,8 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
     vault as it was.
     """
     from .config import load_config
+    from .engines import engine
     from .location import make_home
-    from .storage import SQLiteStorage
     from .store import Store
 
     location = Location.resolve(home)
@@ -370,7 +370,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             facts = copy._check_copy()
             if os.path.lexists(database):
                 try:
-                    live = _Live(SQLiteStorage.open(database, cfg.synchronous, cfg.busy_timeout))
+                    live = _Live(engine().open(database, cfg.synchronous, cfg.busy_timeout))
                 except HardenedError as exc:
                     if isinstance(exc, ConfigError):
                         raise  # an untrusted vault file is not "damaged": never replace it
@@ -424,7 +424,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             if os.path.lexists(database):
                 replaced = _replaced_name(database, now)
                 _set_aside(database, replaced)
-            fresh = SQLiteStorage.open_copy(staged, cfg.synchronous, cfg.busy_timeout)
+            fresh = engine().open_copy(staged, cfg.synchronous, cfg.busy_timeout)
             try:
                 fresh.use_wal()
             finally:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConfigError, UsageError
+from .humantime import MAX_DURATION as MAX_DURATION  # re-exported: its old home
+from .humantime import parse_duration
 from .rootkey import (
     ARGON2_DEFAULT,
     OWASP_ARGON2_FLOOR,
@@ -26,32 +28,6 @@ if TYPE_CHECKING:
     from .access import AccessConfig
 
 __all__ = ["Config", "load_config", "parse_duration"]
-
-# At most 12 digits a part: an endless digit string must not reach int() (which
-# refuses over 4300 digits) nor make a number SQLite or a timer cannot hold.
-_DURATION = re.compile(r"(\d{1,12})([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-#: The longest duration anything takes: 100 years, as for a TTL.
-MAX_DURATION = 100 * 365 * 86400
-
-
-def parse_duration(text: str, what: str = "duration") -> float:
-    """Parse ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` or ``1h30m`` into seconds."""
-    if not isinstance(text, str):
-        raise ConfigError(f"{what}: expected a duration such as 90s, 15m, 12h or 30d")
-    s = text.strip().lower()
-    pos, total = 0, 0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += int(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not s or pos != len(s) or total <= 0:
-        raise ConfigError(f"{what}: expected a positive duration such as 90s, 15m, 12h or 30d")
-    if total > MAX_DURATION:
-        raise ConfigError(f"{what}: must be at most 100 years")
-    return float(total)
-
 
 #: Checks one option's TOML value and returns the value to store, or raises.
 Check = Callable[[str, Any], Any]

@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from .access import (
     AccessConfig,
@@ -41,13 +42,53 @@ from .access import (
     tokens_now,
 )
 from .errors import DeniedError, LockedError, RateLimitedError
-from .storage import BucketRow
+from .humantime import utc
+from .operation import Body, Meta, _Tx
+from .port import BucketRow
 
 if TYPE_CHECKING:
-    from .session import Meta, Session, _Tx
-    from .storage import SQLiteStorage
+    from .audit import Event
+    from .config import Config
+    from .port import Storage
 
-__all__ = ["ALL_SERVICES", "OPS", "Gate", "bucket_rule", "describe_service"]
+__all__ = ["ALL_SERVICES", "OPS", "Gate", "Guarded", "bucket_rule", "describe_service"]
+
+T = TypeVar("T")
+
+
+class Guarded(Protocol):
+    """What the gate needs of the session whose operation it judges.
+
+    :class:`~keyring_hardened.session.Session` passes itself. The gate
+    depends on this and not on the session module, so the dependency runs
+    one way: the session imports the gate and runs *every* operation
+    through :func:`admit` inside :meth:`Session._run_once
+    <keyring_hardened.session.Session._run_once>`, where no subclass or
+    caller can leave the door out.
+    """
+
+    config: Config
+    #: Access decisions for the session's fixed config (see :func:`_rules_for`).
+    _access_cache: dict[Any, Any]
+    _clock: Callable[[], float]
+
+    @property
+    def subject(self) -> str:
+        """The actor the policies and rate limits judge."""
+
+    def _meta(self, storage: Storage, tx: _Tx | None = None, *,
+              fresh: bool = False) -> Meta:
+        """The vault-wide rows, checked against the state root."""
+
+    def _set_meta_buckets(self, tx: _Tx, meta: Meta, rows: list[BucketRow]) -> None:
+        """The rate-limit buckets as just written, in the checked copy."""
+
+    def _commit_state(self, storage: Storage) -> bytes:
+        """Fold this operation's changes into the state root."""
+
+    def _run(self, op: str, service: str | None, username: str | None, body: Body[T], *,
+             writes: bool = False, finish: Body[Event] | None = None) -> T:
+        """Run one audited operation."""
 
 #: The service name a vault-wide request (admin, the whole-vault ``list``) is
 #: matched with: only rules whose services glob matches ``*`` (such as ``"*"``) apply.
@@ -126,9 +167,7 @@ def describe_service(service: str | None) -> str:
 
 def sealed_error(seal: tuple[float, str]) -> LockedError:
     """The refusal of a sealed vault, naming when and by whom it was sealed."""
-    from .session import _utc
-
-    return LockedError(f"the vault is sealed (since {_utc(seal[0])}, by {seal[1]}); every "
+    return LockedError(f"the vault is sealed (since {utc(seal[0])}, by {seal[1]}); every "
                        "credential request is refused until: keyring-hardened unseal", "sealed")
 
 
@@ -150,7 +189,7 @@ def denied(actor: str, access: str, service: str | None, found: Decision) -> Den
                        f"{describe_service(service)} ({why})", "denied")
 
 
-def require_admin(session: Session, op: str) -> None:
+def require_admin(session: Guarded, op: str) -> None:
     """Refuse ``op`` before any work unless the session's subject has ``admin``.
 
     For commands that do work outside one operation (import, backup,
@@ -164,11 +203,11 @@ def require_admin(session: Session, op: str) -> None:
     raise RuntimeError("the door let a denied admin request in")  # pragma: no cover
 
 
-def nothing(storage: SQLiteStorage, note: Any) -> None:
+def nothing(storage: Storage, note: Any) -> None:
     """An operation that does nothing: only the door's check and its audit event."""
 
 
-def admit(session: Session, storage: SQLiteStorage, tx: _Tx, op: str,
+def admit(session: Guarded, storage: Storage, tx: _Tx, op: str,
           service: str | None, *, limited: bool = True) -> None:
     """Seal, policy, then rate limits, for ``op`` on ``service`` (see the module's docstring).
 
@@ -221,7 +260,7 @@ _BY_NAME = ("rules by name",)
 _Rules = tuple[Decision | None, tuple[LimitMatch, ...], dict[BucketKey, str]]
 
 
-def _rules_for(session: Session, config: AccessConfig, actor: str, access: str,
+def _rules_for(session: Guarded, config: AccessConfig, actor: str, access: str,
                service: str | None) -> _Rules:
     """The policy decision, the limits that apply and their bucket names, for a request.
 
@@ -251,7 +290,7 @@ def _rules_for(session: Session, config: AccessConfig, actor: str, access: str,
     return found
 
 
-def _store_buckets(session: Session, storage: SQLiteStorage, tx: _Tx, meta: Meta,
+def _store_buckets(session: Guarded, storage: Storage, tx: _Tx, meta: Meta,
                    config: AccessConfig, actor: str, now: float,
                    new: dict[tuple[str, str], Bucket]) -> None:
     """Write the matched buckets, drop those that refilled (or lost their rule), re-root.

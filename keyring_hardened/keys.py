@@ -18,21 +18,25 @@ Each step is an audited store operation:
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import audit, envelope, state
 from ._files import fsync_dir, write_private
 from ._seams import crash_point as _crash_point
 from .envelope import DecryptFailed, Place
-from .errors import HardenedError, IntegrityError, UsageError
-from .location import Location
+from .errors import IntegrityError, UsageError
+from .port import Storage, VersionRow
+from .rekeyjournal import JOURNAL, _rekey_lock, recover_interrupted_rekey
+
+# Re-exported: their home before the rekey journal had its own module.
+from .rekeyjournal import LOCK as LOCK
+from .rekeyjournal import _journal_generation as _journal_generation
+from .rekeyjournal import _opens as _opens
 from .rootkey import (
     KdfParams,
     RootKey,
@@ -43,15 +47,12 @@ from .rootkey import (
 )
 from .session import _version_digest
 from .state import bucket_of
-from .storage import SQLiteStorage, VersionRow
 
 if TYPE_CHECKING:
-    from .session import Session, _Note
+    from .operation import _Note
+    from .session import Session
 
 __all__ = ["KeyInfo", "KeyManager", "RewrapSummary", "recover_interrupted_rekey"]
-
-JOURNAL = "rekey.json"
-LOCK = "rekey.lock"
 
 
 class KeyInfo(NamedTuple):
@@ -73,112 +74,8 @@ class RewrapSummary(NamedTuple):
     seconds: float
 
 
-@contextlib.contextmanager
-def _rekey_lock(home: Path, wait: bool) -> Iterator[bool]:
-    """An exclusive lock held for a whole rekey; yields False when another process holds it.
-
-    A crashed rekey releases it (the kernel drops a dead process's locks), so
-    holding the lock while a journal exists means that rekey died.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        # Without a lock two rekeys could interleave their file steps: refuse
-        # rather than pretend (the read path then never finishes a journal).
-        raise UsageError("key rekey needs file locking (flock), which this platform "
-                         "lacks") from None
-    from ._files import open_trusted
-    from .errors import StorageError
-
-    try:
-        # Trusted like the journal: not a link (it would create or lock a file
-        # elsewhere), not a FIFO (no hang), yours or root's, nobody else can write.
-        fd = open_trusted(home / LOCK, "rekey lock", flags=os.O_RDWR | os.O_CREAT,
-                          private=False)
-    except OSError as exc:
-        raise StorageError(f"rekey lock {home / LOCK} cannot be opened: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def _describe(mode: str) -> str:
     return "the new key file" if mode == "key file" else "the new passphrase"
-
-
-def recover_interrupted_rekey(location: Location, storage: SQLiteStorage) -> str | None:
-    """Finish or undo the file steps of a rekey that was killed; say which key opens the vault.
-
-    Nothing in the journal is trusted to decide an action: what to do is read
-    from the vault itself. A new key file (``<key file>.new``) that matches
-    the vault's verifier is moved into place (the rekey committed); one that
-    does not is removed. A key file left by a committed switch to a
-    passphrase is removed only if it no longer opens the vault. Returns a
-    sentence for the user, or None when a rekey is still running in another
-    process.
-    """
-    from ._files import read_trusted
-
-    journal = location.home / JOURNAL
-    with _rekey_lock(location.home, wait=False) as held:
-        if not held:
-            return None
-        try:
-            # Only a trusted journal (a small regular file, yours or root's,
-            # nobody else can write) is acted on at all; even then its content
-            # decides no action, only the wording of the message below.
-            text = read_trusted(journal, "rekey journal", private=False)
-        except FileNotFoundError:
-            return None
-        vault = storage.vault()
-        new_file = location.pending_key_file
-        if new_file.exists():
-            committed = _opens(new_file, vault.vault_id, vault.verifier)
-            if committed:
-                os.replace(new_file, location.key_file)
-            else:
-                new_file.unlink(missing_ok=True)
-        else:
-            # Whether it committed is then only the journal's word; it decides
-            # the message, never an action.
-            committed = _journal_generation(text) < vault.generation
-            if KdfParams.from_json(vault.kdf).uses_passphrase and location.key_file.exists() \
-                    and not _opens(location.key_file, vault.vault_id, vault.verifier):
-                location.key_file.unlink()  # left by a committed switch to a passphrase
-        fsync_dir(location.home)
-        journal.unlink(missing_ok=True)
-        if committed:
-            return ("an interrupted rekey had completed: the new root key opens this vault "
-                    "now, the old one no longer does")
-        return ("an interrupted rekey had not taken effect: the old root key still opens this "
-                "vault; run key rekey again")
-
-
-def _opens(path: Path, vault_id: bytes, verifier: bytes) -> bool:
-    """Whether the key file at ``path`` is the one the vault's verifier names."""
-    try:
-        root = RootKey(read_key_file(path), vault_id)
-    except HardenedError:
-        return False
-    try:
-        return root.matches(vault_id, verifier)
-    finally:
-        root.close()
-
-
-def _journal_generation(text: bytes) -> int:
-    """The generation a journal says its rekey started from (only for the message)."""
-    try:
-        value = json.loads(text.decode("utf-8"))["from_generation"]
-    except (ValueError, KeyError, TypeError):
-        return 2**62
-    return value if isinstance(value, int) and not isinstance(value, bool) else 2**62
 
 
 class KeyManager:
@@ -189,7 +86,7 @@ class KeyManager:
 
     def versions(self) -> list[KeyInfo]:
         """Every KEK version: state, creation time, data keys it wraps, wrap count."""
-        def body(storage: SQLiteStorage, note: _Note) -> list[KeyInfo]:
+        def body(storage: Storage, note: _Note) -> list[KeyInfo]:
             in_use = storage.keys_in_use()
             return [KeyInfo(k.version, k.state, k.created_at, in_use.get(k.version, 0),
                             k.wrap_count) for k in self._store._meta(storage).keks]
@@ -200,7 +97,7 @@ class KeyManager:
         """Add a KEK version and make it active; returns its number."""
         store = self._store
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             version = store._rotate_in(storage, store._clock(), "manual", record=False)
             note.key_version = version
             note.reason = "manual"
@@ -221,7 +118,7 @@ class KeyManager:
         store = self._store
         started = time.perf_counter()
 
-        def count(storage: SQLiteStorage, note: _Note) -> tuple[int, int]:
+        def count(storage: Storage, note: _Note) -> tuple[int, int]:
             active = store._meta(storage).active
             note.key_version = active.version
             return active.version, storage.under_keks_below(active.version)[0]
@@ -229,7 +126,7 @@ class KeyManager:
         target, total = store._run("key-rewrap-plan", None, None, count)
         done = batches = 0
 
-        def one_batch(storage: SQLiteStorage, note: _Note) -> int:
+        def one_batch(storage: Storage, note: _Note) -> int:
             active = store._meta(storage).active
             new = store._kek(active.version)
             found = storage.rewrap_candidates(active.version, batch)
@@ -293,7 +190,7 @@ class KeyManager:
         """Retire KEK versions under ``below``; refused while anything still uses them."""
         store = self._store
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[int]:
+        def body(storage: Storage, note: _Note) -> list[int]:
             active = store._meta(storage).active
             if below > active.version:
                 raise UsageError(f"cannot retire key version {active.version}: it is the "
@@ -391,7 +288,7 @@ class KeyManager:
         _crash_point("rekey-before-commit")
         made: list[VaultKeys] = []
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             meta = store._meta(storage)
             vault = meta.vault
             if vault.generation != generation:
@@ -436,7 +333,7 @@ class KeyManager:
                                                 root=new_root)
             note.reason = f"{old_mode}-to-{target}".replace(" ", "-")
 
-        def finish(storage: SQLiteStorage, note: _Note) -> audit.Event:
+        def finish(storage: Storage, note: _Note) -> audit.Event:
             store._state().meta = None  # the vault record changed; let the commit re-read it
             return store._append(storage, "key-rekey", None, None, None, note.key_version,
                                  note.reason, keys=made[-1], epoch=generation + 1)

@@ -70,9 +70,9 @@ from .errors import (
 from .secret import Secret
 
 if TYPE_CHECKING:
-    from .session import Session, _Note
-    from .storage import HeadRow, SQLiteStorage
-    from .store import Store
+    from .operation import _Note
+    from .port import HeadRow, Storage
+    from .session import Session
 
 __all__ = [
     "PLUGIN_GROUP",
@@ -318,7 +318,7 @@ def plugin_spec(text: str, what: str = "--refresher") -> RefreshSpec:
     return RefreshSpec("python", (), name, argument if sep else None)
 
 
-def seal_spec(store: Session, storage: SQLiteStorage, service: str, username: str,
+def seal_spec(store: Session, storage: Storage, service: str, username: str,
               spec: RefreshSpec, ahead: float | None) -> RefreshState:
     """Seal a spec under the active KEK (inside an operation's transaction); no failure."""
     active = store._meta(storage).active
@@ -345,7 +345,7 @@ def open_spec(store: Session, head: HeadRow, state: RefreshState) -> RefreshSpec
                              "refresher's integrity check failed", "refresh-spec") from None
 
 
-def specs_below(storage: SQLiteStorage, below: int) -> int:
+def specs_below(storage: Storage, below: int) -> int:
     """How many refresher specs are sealed under a KEK version below ``below`` (retire)."""
     found = 0
     for row in storage.refresh_hints():
@@ -367,7 +367,7 @@ def rewrap_specs(store: Session) -> int:
     if not kek_versions:
         return 0  # no refresher at all: no event (the common case)
 
-    def body(storage: SQLiteStorage, note: _Note) -> int:
+    def body(storage: Storage, note: _Note) -> int:
         active = store._meta(storage).active.version
         moved = 0
         for _id, service, username, _cur, _exp, blob in storage.refresh_hints():
@@ -725,15 +725,15 @@ def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _longest(store: Store) -> float:
+def _longest(store: Session) -> float:
     return store.config.refresh_timeout + LEASE_GRACE
 
 
-def _holder(store: Store) -> str:
+def _holder(store: Session) -> str:
     return f"{store.actor}:{os.getpid()}"
 
 
-def _take_lease(store: Store, head_id: int, base: int, token: bytes) -> str:
+def _take_lease(store: Session, head_id: int, base: int, token: bytes) -> str:
     """Take the lease if it is free: one short transaction, not audited.
 
     The hint of the current version only saves a run; the audited start
@@ -750,12 +750,12 @@ def _take_lease(store: Store, head_id: int, base: int, token: bytes) -> str:
         return "ours"
 
 
-def _drop_lease(store: Store, head_id: int, token: bytes) -> None:
+def _drop_lease(store: Session, head_id: int, token: bytes) -> None:
     with store._guard() as storage, storage.transaction():
         storage.drop_lease(head_id, token)
 
 
-def _wait(store: Store, head_id: int, base: int, token: bytes, deadline: float) -> str:
+def _wait(store: Session, head_id: int, base: int, token: bytes, deadline: float) -> str:
     """Wait while another process's lease is live; returns why the wait ended.
 
     ``changed``: a new version is there (read it); ``gone``: the runner let
@@ -778,11 +778,11 @@ def _wait(store: Store, head_id: int, base: int, token: bytes, deadline: float) 
         time.sleep(POLL_SECONDS)
 
 
-def _start(store: Store, service: str, username: str, head_id: int, base: int,
+def _start(store: Session, service: str, username: str, head_id: int, base: int,
            token: bytes, force: bool) -> _Started | Outcome:
     """The audited start: the door (a write), the lease still ours, due, the spec opened."""
 
-    def body(storage: SQLiteStorage, note: _Note) -> _Started | Outcome:
+    def body(storage: Storage, note: _Note) -> _Started | Outcome:
         head = store._existing(storage, service, username)
         lease = storage.lease(head.id)
         if head.id != head_id or head.current_version != base or lease is None \
@@ -820,12 +820,12 @@ def _due(expires_at: float | None, state: RefreshState, now: float) -> bool:
     return expires_at is not None and now >= expires_at - (state.ahead or 0.0)
 
 
-def _finish(store: Store, service: str, username: str, started: _Started, token: bytes,
+def _finish(store: Session, service: str, username: str, started: _Started, token: bytes,
             value: bytes | None, failure: RefreshFailedError | None) -> Outcome:
     """Write the new version (or the failure) if the lease and the base version still hold."""
     lost: list[bool] = []
 
-    def body(storage: SQLiteStorage, note: _Note) -> int | None:
+    def body(storage: Storage, note: _Note) -> int | None:
         head = store._existing(storage, service, username)
         lease = storage.lease(head.id)
         if head.current_version != started.base or lease is None or lease[1] != token:
@@ -874,7 +874,7 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
     if failure is None:
         version = store._run("refresh", service, username, body, writes=True, admitted=True)
     else:
-        def finish(storage: SQLiteStorage, note: _Note) -> Any:
+        def finish(storage: Storage, note: _Note) -> Any:
             # The failure is recorded (the state changes) and audited with
             # outcome "expired" and its summary: commit the new root first,
             # then chain the failure event carrying it.
@@ -892,7 +892,7 @@ def _finish(store: Store, service: str, username: str, started: _Started, token:
     return Outcome(service, username, "refreshed", version)
 
 
-def _run_spec(store: Store, service: str, username: str, started: _Started) -> bytes:
+def _run_spec(store: Session, service: str, username: str, started: _Started) -> bytes:
     if started.spec.kind == "command":
         return run_command(started.spec.argv, store.config.refresh_timeout,
                            store.config.refresh_env, cwd=store.location.home)
@@ -901,7 +901,7 @@ def _run_spec(store: Store, service: str, username: str, started: _Started) -> b
         store.config.refresh_timeout))
 
 
-def refresh_one(store: Store, service: str, username: str, head_id: int, base: int, *,
+def refresh_one(store: Session, service: str, username: str, head_id: int, base: int, *,
                 force: bool = False, wait: bool = True) -> Outcome:
     """Refresh one credential from version ``base``, once across every process.
 
@@ -978,7 +978,7 @@ class _Hint(NamedTuple):
     state: RefreshState | None
 
 
-def _hints(store: Store) -> list[_Hint]:
+def _hints(store: Session) -> list[_Hint]:
     """Credentials with a refresher, from the rows as stored (unchecked: candidates only)."""
     with store._guard() as storage:
         rows = storage.refresh_hints()
@@ -997,7 +997,7 @@ def _hints(store: Store) -> list[_Hint]:
     return found
 
 
-def refresh_due(store: Store, *, wait: bool = False) -> list[Outcome]:
+def refresh_due(store: Session, *, wait: bool = False) -> list[Outcome]:
     """Refresh every credential that is expired or inside its refresh-ahead window.
 
     Candidates come from the rows as stored; each refresh re-checks, through
@@ -1013,7 +1013,7 @@ def refresh_due(store: Store, *, wait: bool = False) -> list[Outcome]:
     return outcomes
 
 
-def counts(store: Store) -> dict[str, int]:
+def counts(store: Session) -> dict[str, int]:
     """For ``status``: credentials with a refresher, expired, expiring and failing refresh.
 
     Read from the rows as stored, like the other counts of ``status``.
@@ -1043,7 +1043,7 @@ class BackgroundRefresh:
     else, so it never runs one credential's refresher twice at once.
     """
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: Session, interval: float) -> None:
         self._store = store
         self._interval = interval
         self._stop = threading.Event()
@@ -1097,7 +1097,7 @@ _running: dict[int, BackgroundRefresh] = {}
 _running_lock = threading.Lock()
 
 
-def start_background(store: Store, interval: float = 30.0) -> BackgroundRefresh:
+def start_background(store: Session, interval: float = 30.0) -> BackgroundRefresh:
     """Refresh ``store``'s due credentials in a daemon thread; returns a handle with ``stop()``.
 
     For the unlock agent and for a long-running process using the backend
@@ -1118,13 +1118,13 @@ def start_background(store: Store, interval: float = 30.0) -> BackgroundRefresh:
     return handle
 
 
-def background_of(store: Store) -> BackgroundRefresh | None:
+def background_of(store: Session) -> BackgroundRefresh | None:
     """The running background refresher of ``store``, if any."""
     found = _running.get(id(store))
     return found if found is not None and found.alive else None
 
 
-def after_read(store: Store, service: str, username: str, head_id: int, base: int,
+def after_read(store: Session, service: str, username: str, head_id: int, base: int,
                failing: str | None = None) -> None:
     """A read found the current version inside its refresh-ahead window (still valid).
 
@@ -1158,7 +1158,7 @@ def after_read(store: Store, service: str, username: str, head_id: int, base: in
                      f"({failing}); the current value is used until it expires")
 
 
-def after_expired(store: Store, service: str, username: str, head_id: int, base: int
+def after_expired(store: Session, service: str, username: str, head_id: int, base: int
                   ) -> str | None:
     """A read found the current version expired: refresh (or wait for the runner).
 
@@ -1175,7 +1175,7 @@ def after_expired(store: Store, service: str, username: str, head_id: int, base:
     return None
 
 
-def ttl_for(store: Store, service: str) -> float | None:
+def ttl_for(store: Session, service: str) -> float | None:
     """The ``default_ttl`` of a new credential of ``service``: the first glob that matches."""
     from fnmatch import fnmatchcase
 

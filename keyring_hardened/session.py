@@ -2,8 +2,14 @@
 
 :class:`Session` holds the keys of one unlocked vault and runs each
 operation as one write transaction that also appends its audit event
-(:meth:`Session._run`). :class:`~keyring_hardened.store.Store` adds the
-credential operations on top.
+(:meth:`Session._run`), through the access gate
+(:func:`keyring_hardened.gate.admit`). :class:`~keyring_hardened.store.Store`
+adds the credential operations on top, and composes key management
+(:mod:`~keyring_hardened.keys`) and the audit trail
+(:mod:`~keyring_hardened.trail`), which depend on the session and not the
+reverse. Storage is reached only through the port
+(:class:`keyring_hardened.port.Storage`), opened by
+:func:`keyring_hardened.engines.engine`.
 
 Every operation first checks the newest audit event's mac, which covers the
 vault's *state root* (see :mod:`keyring_hardened.state`), and then checks
@@ -26,11 +32,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from . import audit, envelope, gate, state
 from ._seams import crash_point
 from .config import Config, load_config
+from .engines import engine
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
     ConfigError,
@@ -42,6 +49,18 @@ from .errors import (
     UsageError,
 )
 from .location import Location, default_actor, validate_actor
+from .operation import Body, Meta, _Tx
+from .operation import _Note as _Note  # re-exported: its old home
+from .port import (
+    BucketRow,
+    HeadRow,
+    KekRecord,
+    Storage,
+    VaultMissingError,
+    VaultRecord,
+    VersionRow,
+)
+from .rekeyjournal import recover_interrupted_rekey
 from .rootkey import (
     KdfParams,
     RootKey,
@@ -50,21 +69,10 @@ from .rootkey import (
     derive_from_passphrase,
     read_key_file,
 )
-from .storage import (
-    BucketRow,
-    HeadRow,
-    KekRecord,
-    SQLiteStorage,
-    VaultMissingError,
-    VaultRecord,
-    VersionRow,
-)
 
 if TYPE_CHECKING:
-    from .keys import KeyManager
     from .passphrase import PassphraseProvider
     from .sinks import Sinks
-    from .trail import AuditTrail
 
 __all__ = ["Session"]
 
@@ -105,72 +113,6 @@ def _sinks(specs: tuple[str, ...]) -> Sinks | _NoSinks:
     return Sinks(specs)
 
 
-class _Note:
-    """What an operation's body tells its audit event."""
-
-    __slots__ = ("key_version", "reason")
-
-    def __init__(self) -> None:
-        self.key_version: int | None = None
-        self.reason: str | None = None
-
-
-class Meta(NamedTuple):
-    """The vault-wide rows, verified against the state root."""
-
-    vault: VaultRecord
-    keks: list[KekRecord]
-    past_keys: list[tuple[int, bytes]]
-    anchor: tuple[int, bytes]
-    #: (since, by whom) when sealed.
-    seal: tuple[float, str] | None = None
-    #: Rate-limit buckets short of tokens, in (rule, actor) order.
-    buckets: list[BucketRow] = []  # noqa: RUF012 - a NamedTuple default, never mutated
-
-    @property
-    def active(self) -> KekRecord:
-        """The KEK version new writes use (verified to be the newest)."""
-        return self.keks[-1]
-
-
-class _Tx:
-    """What one operation has verified, and changed, of the authenticated state."""
-
-    __slots__ = ("begin", "buckets", "last", "meta", "meta_dirty", "meta_exact", "nodes",
-                 "root", "touched", "versions")
-
-    def __init__(self, root: bytes, last: tuple[int, bytes]) -> None:
-        #: The root the newest event carries; everything read is checked against it.
-        self.root = root
-        #: (seq, mac) of the newest event, to chain the next one onto.
-        self.last = last
-        self.begin = (root, last)
-        self.nodes: dict[state.NodeKey, bytes] = {}
-        self.buckets: dict[int, list[HeadRow]] = {}
-        #: Version rows read with their bucket, by head id (not yet checked).
-        self.versions: dict[int, list[VersionRow]] = {}
-        self.meta: Meta | None = None
-        self.touched: set[int] = set()
-        self.meta_dirty = False
-        #: Whether ``meta`` still equals the rows after this operation's changes.
-        self.meta_exact = True
-
-    def forget(self) -> None:
-        """Back to the start: a rolled-back savepoint undid rows and events alike."""
-        self.root, self.last = self.begin
-        self.nodes.clear()
-        self.buckets.clear()
-        self.versions.clear()
-        self.meta = None
-        self.touched.clear()
-        self.meta_dirty = False
-        self.meta_exact = True
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 def _label(service: str, username: str) -> str:
     # repr() keeps the message on one line whatever the names hold.
     return f"service {service!r}, user {username!r}"
@@ -203,7 +145,7 @@ _ATTEMPT_STALE = 120.0
 _BUSY_WAIT = 30.0
 
 
-def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
+def _record_pending(storage: Storage, clock: Clock, actor: str,
                     exc: HardenedError) -> None:
     """Keep a failed unlock for the trail; it is chained at the next good unlock."""
     # The unlock failed anyway; a vault we cannot write (read-only media)
@@ -215,7 +157,7 @@ def _record_pending(storage: SQLiteStorage, clock: Clock, actor: str,
 class _Attempt:
     """One unlock attempt as the throttle counts it; end it with exactly one outcome."""
 
-    def __init__(self, storage: SQLiteStorage, clock: Clock, attempt: int | None,
+    def __init__(self, storage: Storage, clock: Clock, attempt: int | None,
                  failures: int) -> None:
         self._storage, self._clock = storage, clock
         self._attempt, self._failures = attempt, failures
@@ -233,7 +175,7 @@ class _Attempt:
                 self._storage.end_unlock_attempt(self._attempt, outcome, self._clock())
 
 
-def _throttle(storage: SQLiteStorage, clock: Clock, claim: bool) -> _Attempt:
+def _throttle(storage: Storage, clock: Clock, claim: bool) -> _Attempt:
     """Refuse an unlock attempt while the failed-unlock backoff runs; else start one.
 
     ``claim`` (passphrase vaults): the attempt is recorded as running before
@@ -361,7 +303,7 @@ class Session:
     process reconnects to the database on its first call.
     """
 
-    def __init__(self, location: Location, config: Config, storage: SQLiteStorage,
+    def __init__(self, location: Location, config: Config, storage: Storage,
                  vault: VaultRecord, root: RootKey, vkeys: VaultKeys, clock: Clock,
                  actor: str) -> None:
         self.location = location
@@ -449,20 +391,6 @@ class Session:
         return self.policy_actor or self.actor
 
     @property
-    def keys(self) -> KeyManager:
-        """Key management: list, rotate, rewrap, retire, rekey."""
-        from .keys import KeyManager
-
-        return KeyManager(self)
-
-    @property
-    def trail(self) -> AuditTrail:
-        """The audit trail of this vault: verify, show, export, checkpoint, prune."""
-        from .trail import AuditTrail
-
-        return AuditTrail(self)
-
-    @property
     def mode(self) -> str:
         """How the vault is unlocked: ``"key file"`` or ``"passphrase"``."""
         return "passphrase" if self._kdf.uses_passphrase else "key file"
@@ -504,7 +432,7 @@ class Session:
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
         try:
-            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         except VaultMissingError:
             if not create:
                 raise
@@ -513,12 +441,10 @@ class Session:
             if made is not None:
                 return made
             # Another process created it first: use theirs.
-            storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             notice = None
             if location.home.joinpath(REKEY_JOURNAL).exists():
-                from .keys import recover_interrupted_rekey
-
                 notice = recover_interrupted_rekey(location, storage)
             vault = storage.vault()
             if vault.state_version == 0 and not upgrade:
@@ -545,7 +471,7 @@ class Session:
             raise
 
     @classmethod
-    def _ready(cls, location: Location, cfg: Config, storage: SQLiteStorage,
+    def _ready(cls, location: Location, cfg: Config, storage: Storage,
                vault: VaultRecord, root: RootKey, clock: Clock, actor: str) -> Self:
         """Finish unlocking: check the state, unwrap the KEKs, chain failed unlocks."""
         try:
@@ -658,14 +584,14 @@ class Session:
                                 1, state.root_of(meta, state.EMPTY_NODE))
             event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
             vkeys.close()
-            if not SQLiteStorage.create(location.database, record, kek_record, event,
-                                        {state.META_KEY: meta}):
+            if not engine().create(location.database, record, kek_record, event,
+                                   {state.META_KEY: meta}):
                 root.close()
                 return None
         finally:
             kek.wipe()
         crash_point("create-after-link")
-        storage = SQLiteStorage.open(location.database, cfg.synchronous, cfg.busy_timeout)
+        storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
         except BaseException:
@@ -743,7 +669,7 @@ class Session:
 
     # -- the authenticated state ------------------------------------------
 
-    def _begin(self, storage: SQLiteStorage) -> _Tx:
+    def _begin(self, storage: Storage) -> _Tx:
         """Check the newest event, whose mac covers the state root; start a state check.
 
         The newest event cannot be forged without the audit key, so its root
@@ -781,7 +707,7 @@ class Session:
                                      "(tampered?)", "audit-head")
         return _Tx(head.root, (head.seq, head.mac))
 
-    def _path_nodes(self, storage: SQLiteStorage, tx: _Tx, buckets: list[int]) -> None:
+    def _path_nodes(self, storage: Storage, tx: _Tx, buckets: list[int]) -> None:
         wanted = {key for b in buckets for key, _ in state.path_keys(b)} | {state.META_KEY,
                                                                             (0, 0)}
         missing = wanted - tx.nodes.keys()
@@ -791,14 +717,14 @@ class Session:
                 tx.nodes[key] = found.get(key, state.EMPTY_NODE if key[0] != 255
                                           else state.EMPTY)
 
-    def _bucket(self, storage: SQLiteStorage, tx: _Tx, bucket: int) -> list[HeadRow]:
+    def _bucket(self, storage: Storage, tx: _Tx, bucket: int) -> list[HeadRow]:
         """The heads of one bucket, checked against the state root."""
         found = tx.buckets.get(bucket)
         if found is None:
             found = self._buckets(storage, tx, {bucket})[bucket]
         return found
 
-    def _buckets(self, storage: SQLiteStorage, tx: _Tx, buckets: set[int]
+    def _buckets(self, storage: Storage, tx: _Tx, buckets: set[int]
                  ) -> dict[int, list[HeadRow]]:
         """The heads of several buckets, each checked against the state root."""
         wanted = buckets - tx.buckets.keys()
@@ -824,14 +750,14 @@ class Session:
                 tx.buckets[bucket] = heads
         return {b: tx.buckets[b] for b in buckets}
 
-    def _find(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow | None:
+    def _find(self, storage: Storage, service: str, username: str) -> HeadRow | None:
         """A credential's head, deleted or not, checked against the state root."""
         for h in self._bucket(storage, self._state(), state.bucket_of(service)):
             if h.service == service and h.username == username:
                 return h
         return None
 
-    def _versions(self, storage: SQLiteStorage, head: HeadRow) -> list[VersionRow]:
+    def _versions(self, storage: Storage, head: HeadRow) -> list[VersionRow]:
         """A credential's kept versions, their list checked against the head's version digest.
 
         The list (which versions exist, and each one's digest) is checked
@@ -858,7 +784,7 @@ class Session:
                             "state-version")
         return row
 
-    def _meta(self, storage: SQLiteStorage, tx: _Tx | None = None, *,
+    def _meta(self, storage: Storage, tx: _Tx | None = None, *,
               fresh: bool = False) -> Meta:
         """The vault record, KEKs, past vault keys, audit anchor, seal and buckets, checked.
 
@@ -913,7 +839,7 @@ class Session:
         tx.meta_dirty = True
         tx.meta_exact = False  # read them again when the root is computed
 
-    def _count_wrap(self, storage: SQLiteStorage, kek_version: int, n: int = 1) -> None:
+    def _count_wrap(self, storage: Storage, kek_version: int, n: int = 1) -> None:
         """Count wraps under a KEK, in the rows and in the checked copy alike.
 
         The common write changes nothing else of the vault-wide rows, so the
@@ -971,7 +897,7 @@ class Session:
         finally:
             root.close()
 
-    def _commit_state(self, storage: SQLiteStorage) -> bytes:
+    def _commit_state(self, storage: Storage) -> bytes:
         """Recompute the root after this operation's changes, and store the changed nodes."""
         tx = self._state()
         if not tx.touched and not tx.meta_dirty:
@@ -998,7 +924,7 @@ class Session:
         tx.root = state.root_of(meta_digest, tx.nodes[(0, 0)])
         return tx.root
 
-    def _full_check(self, storage: SQLiteStorage, versions: bool = True) -> int:
+    def _full_check(self, storage: Storage, versions: bool = True) -> int:
         """Check every row of the vault against the root; returns the credential count.
 
         Used by ``audit verify`` (and, without the version rows, by ``list``):
@@ -1038,16 +964,16 @@ class Session:
     # -- plumbing ---------------------------------------------------------
 
     @contextmanager
-    def _guard(self) -> Iterator[SQLiteStorage]:
+    def _guard(self) -> Iterator[Storage]:
         with self._lock:
             if self._closed:
                 raise UsageError("the store is closed")
             if os.getpid() != self._pid:
                 # After fork the inherited connection belongs to the parent:
                 # leave it untouched and open our own.
-                self._storage = SQLiteStorage.open(self.location.database,
-                                                   self.config.synchronous,
-                                                   self.config.busy_timeout)
+                self._storage = engine().open(self.location.database,
+                                              self.config.synchronous,
+                                              self.config.busy_timeout)
                 self._pid = os.getpid()
             yield self._storage
 
@@ -1058,7 +984,7 @@ class Session:
         key = self._ident_key if self._ident_key is not None else self._vkeys.identifier_key
         return audit.hash_identifier(key, name)
 
-    def _append(self, storage: SQLiteStorage, op: str, service: str | None,
+    def _append(self, storage: Storage, op: str, service: str | None,
                 username: str | None, failure: HardenedError | None,
                 key_version: int | None, reason: str | None = None, *,
                 keys: VaultKeys | None = None, epoch: int | None = None) -> audit.Event:
@@ -1083,9 +1009,8 @@ class Session:
         return event
 
     def _run(self, op: str, service: str | None, username: str | None,
-             body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-             finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None,
-             admitted: bool = False) -> T:
+             body: Body[T], *, writes: bool = False,
+             finish: Body[audit.Event] | None = None, admitted: bool = False) -> T:
         """Run an operation (see :meth:`_run_once`), retrying once after a rekey elsewhere.
 
         After another process's rekey, key-file mode unlocks again with the
@@ -1132,9 +1057,8 @@ class Session:
         return True
 
     def _run_once(self, op: str, service: str | None, username: str | None,
-                  body: Callable[[SQLiteStorage, _Note], T], *, writes: bool = False,
-                  finish: Callable[[SQLiteStorage, _Note], audit.Event] | None = None,
-                  admitted: bool = False) -> T:
+                  body: Body[T], *, writes: bool = False,
+                  finish: Body[audit.Event] | None = None, admitted: bool = False) -> T:
         """Run ``body`` and append its audit event in one write transaction.
 
         The newest event is checked first, and everything the body reads is
@@ -1320,7 +1244,7 @@ class Session:
             return "age"
         return None
 
-    def _rotate_in(self, storage: SQLiteStorage, now: float, reason: str,
+    def _rotate_in(self, storage: Storage, now: float, reason: str,
                    record: bool = True, root: RootKey | None = None) -> int:
         """Add a KEK version and make it active, inside the caller's transaction.
 
@@ -1342,7 +1266,7 @@ class Session:
             self._pending_emit.append(event)
         return version
 
-    def _write_version(self, storage: SQLiteStorage, head: HeadRow, data: bytes,
+    def _write_version(self, storage: Storage, head: HeadRow, data: bytes,
                        now: float, note: _Note, ttl: float | None = None) -> int:
         """Seal ``data`` as the next version of a checked head, under the active KEK.
 
@@ -1373,13 +1297,13 @@ class Session:
         note.key_version = kek.version
         return version
 
-    def _versions_checked(self, storage: SQLiteStorage, head: HeadRow) -> list[tuple[int, bytes]]:
+    def _versions_checked(self, storage: Storage, head: HeadRow) -> list[tuple[int, bytes]]:
         """Check a head's version list before a change builds on it; its (version, digest)s."""
         if head.versions_digest is None and not head.last_version:
             return []
         return [(r.version, r.digest or b"") for r in self._versions(storage, head)]
 
-    def _move_head(self, storage: SQLiteStorage, head: HeadRow, current: int | None,
+    def _move_head(self, storage: Storage, head: HeadRow, current: int | None,
                    last: int, now: float, expires: float | None) -> None:
         """Update a checked head, recomputing its version digest from the kept versions."""
         pairs = [(r.version, r.digest or b"") for r in storage.versions(head.id)]
@@ -1387,7 +1311,7 @@ class Session:
                             state.versions_digest(pairs))
         self._touch(head.service)
 
-    def _existing(self, storage: SQLiteStorage, service: str, username: str) -> HeadRow:
+    def _existing(self, storage: Storage, service: str, username: str) -> HeadRow:
         head = self._find(storage, service, username)
         if head is None:
             raise NotFoundError(f"no credential for {_label(service, username)}", "no-credential")
@@ -1550,7 +1474,7 @@ class Session:
         the root key, and a copy that another key opens is not this vault's.
         """
         who = validate_actor(actor) if actor is not None else default_actor()
-        storage = SQLiteStorage.open_copy(database, config.synchronous, config.busy_timeout)
+        storage = engine().open_copy(database, config.synchronous, config.busy_timeout)
         try:
             vault = storage.vault()
             if vault.state_version != 1:
@@ -1591,31 +1515,6 @@ class Session:
             raise
         return store
 
-    def _check_copy(self) -> dict[str, Any]:
-        """Verify this copy as ``audit verify`` does, read-only; facts about it.
-
-        The whole chain under every epoch's audit key, its ends, and every
-        row against the state root its newest event carries. Raises
-        :class:`IntegrityError` naming the first bad event.
-        """
-        with self._guard() as storage, storage.snapshot():
-            self._tx = self._begin(storage)
-            root = self._tx.root
-            try:
-                result = self.trail._check_table(storage)
-                if not result.ok:
-                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
-                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
-                meta = self._meta(storage)
-                counts = storage.counts()
-            finally:
-                self._tx = None
-        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
-                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
-                "events_verified": result.verified, "key_version": meta.active.version,
-                "root": root,
-                **counts}
-
     def _holds_event(self, seq: int, mac: bytes) -> bool:
         """Whether this vault's trail holds event ``seq`` with ``mac`` (or it is the anchor)."""
         with self._guard() as storage, storage.snapshot():
@@ -1633,7 +1532,7 @@ class Session:
         the replaced vault open, with those KEKs cached by number, can then
         never seal a new secret under a key this vault does not hold.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             note.reason = reason
             meta = self._meta(storage)
             top = meta.active.version

@@ -1,4 +1,10 @@
-"""SQLite storage: the only module that imports :mod:`sqlite3`.
+"""SQLite storage: the SQLite engine, and the only module that imports :mod:`sqlite3`.
+
+:class:`SQLiteStorage` implements the storage port
+(:class:`keyring_hardened.port.Storage`): row access and transactions. The
+tables and their named migrations are :mod:`keyring_hardened.schema`'s; the
+row values are the port's (re-exported here). Nothing in the core names
+this module: it is opened through :func:`keyring_hardened.engines.engine`.
 
 Discipline (DESIGN.md section 5):
 
@@ -24,12 +30,14 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._files import fsync_dir, fsync_file
 from ._seams import crash_point
 from .audit import Event
-from .errors import HardenedError, IntegrityError, NotFoundError, StorageError, UsageError
+from .errors import HardenedError, IntegrityError, StorageError, UsageError
+from .port import BucketRow, HeadRow, KekRecord, VaultMissingError, VaultRecord, VersionRow
+from .schema import APPLICATION_ID, MIGRATIONS, apply_migrations
 
 __all__ = [
     "APPLICATION_ID",
@@ -42,232 +50,6 @@ __all__ = [
     "VaultRecord",
     "VersionRow",
 ]
-
-#: Marks a SQLite file as a keyring-hardened vault ("KHV1").
-APPLICATION_ID = 0x4B485631
-
-#: Named migrations, in order. Append only: never edit a released one.
-MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("0001_initial", (
-        """CREATE TABLE vault (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            vault_id BLOB NOT NULL,
-            created_at REAL NOT NULL,
-            kdf TEXT NOT NULL,
-            verifier BLOB NOT NULL,
-            vault_key BLOB NOT NULL,
-            generation INTEGER NOT NULL
-        )""",
-        """CREATE TABLE keks (
-            version INTEGER PRIMARY KEY,
-            state TEXT NOT NULL CHECK (state IN ('active', 'decrypt-only', 'retired')),
-            created_at REAL NOT NULL,
-            wrapped BLOB,
-            wrap_count INTEGER NOT NULL DEFAULT 0
-        )""",
-        """CREATE TABLE credentials (
-            id INTEGER PRIMARY KEY,
-            service TEXT NOT NULL,
-            username TEXT NOT NULL,
-            current_version INTEGER,
-            last_version INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            mac BLOB NOT NULL,
-            UNIQUE (service, username)
-        )""",
-        """CREATE TABLE secret_versions (
-            credential_id INTEGER NOT NULL REFERENCES credentials(id) ON DELETE CASCADE,
-            version INTEGER NOT NULL,
-            kek_version INTEGER NOT NULL REFERENCES keks(version),
-            wrapped_key BLOB NOT NULL,
-            ciphertext BLOB NOT NULL,
-            created_at REAL NOT NULL,
-            PRIMARY KEY (credential_id, version)
-        ) WITHOUT ROWID""",
-        "CREATE INDEX secret_versions_by_kek ON secret_versions (kek_version)",
-    )),
-    ("0002_audit", (
-        """CREATE TABLE audit_events (
-            seq INTEGER PRIMARY KEY,
-            ts_us INTEGER NOT NULL,
-            actor TEXT NOT NULL,
-            op TEXT NOT NULL,
-            service TEXT,
-            username TEXT,
-            outcome TEXT NOT NULL,
-            key_version INTEGER,
-            reason TEXT,
-            mac BLOB NOT NULL
-        )""",
-        "CREATE INDEX audit_events_by_time ON audit_events (ts_us)",
-        # The (seq, mac) the oldest kept event follows: genesis, or the newest
-        # pruned event. Editing it breaks the oldest kept event's mac.
-        """CREATE TABLE audit_anchor (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            seq INTEGER NOT NULL,
-            mac BLOB NOT NULL
-        )""",
-        "INSERT INTO audit_anchor (id, seq, mac) VALUES (1, 0, zeroblob(32))",
-        # Failed unlocks cannot be chained (no key); they wait here and are
-        # chained, marked as such, by the next successful unlock.
-        """CREATE TABLE audit_pending (
-            id INTEGER PRIMARY KEY,
-            ts_us INTEGER NOT NULL,
-            actor TEXT NOT NULL,
-            op TEXT NOT NULL,
-            outcome TEXT NOT NULL,
-            reason TEXT
-        )""",
-    )),
-    ("0003_ttl", (
-        "ALTER TABLE secret_versions ADD COLUMN ttl REAL",
-        "ALTER TABLE secret_versions ADD COLUMN expires_at REAL",
-        # The current version's expiry, covered by the head's MAC.
-        "ALTER TABLE credentials ADD COLUMN expires_at REAL",
-    )),
-    # The authenticated state (see state.py): every event carries the state
-    # root its mac covers; heads and versions carry what the root is built from.
-    ("0004_authenticated_state", (
-        # 0: made by keyring-hardened 0.1, state not yet authenticated (run upgrade).
-        "ALTER TABLE vault ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE credentials ADD COLUMN bucket INTEGER",
-        "ALTER TABLE credentials ADD COLUMN versions_digest BLOB",
-        "CREATE INDEX credentials_by_bucket ON credentials (bucket, service, username)",
-        "ALTER TABLE secret_versions ADD COLUMN digest BLOB",
-        "ALTER TABLE audit_events ADD COLUMN epoch INTEGER",
-        "ALTER TABLE audit_events ADD COLUMN root BLOB",
-        """CREATE TABLE state_nodes (
-            level INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            hashes BLOB NOT NULL,
-            PRIMARY KEY (level, idx)
-        ) WITHOUT ROWID""",
-        # Vault keys of earlier epochs (before a rekey), each wrapped under the
-        # current vault key: kept to verify the trail they chained.
-        """CREATE TABLE vault_keys (
-            epoch INTEGER PRIMARY KEY,
-            wrapped BLOB NOT NULL
-        )""",
-    )),
-    # Access control (access.py): rate-limit buckets and the seal, both under
-    # the state root; the unlock throttle, which cannot be (no key before unlock).
-    ("0005_access", (
-        # One token bucket per (rule, actor); ``rule`` is a digest of the rule's
-        # definition, so reordering the config does not move a bucket to another rule.
-        """CREATE TABLE rate_buckets (
-            rule TEXT NOT NULL,
-            actor TEXT NOT NULL,
-            tokens REAL NOT NULL,
-            updated REAL NOT NULL,
-            PRIMARY KEY (rule, actor)
-        ) WITHOUT ROWID""",
-        # A row here means sealed: since when, and by whom.
-        """CREATE TABLE seal (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            sealed_at REAL NOT NULL,
-            actor TEXT NOT NULL
-        )""",
-        # Failed unlocks in a row and the time of the last attempt that counted;
-        # written before any key is known, so nothing authenticates it.
-        """CREATE TABLE unlock_throttle (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            failures INTEGER NOT NULL,
-            last_at REAL NOT NULL
-        )""",
-        # Passphrase attempts running now (their KDF takes a while): counted
-        # against the free attempts, so guesses made side by side get no more.
-        """CREATE TABLE unlock_attempts (
-            id INTEGER PRIMARY KEY,
-            started_at REAL NOT NULL
-        )""",
-    )),
-    # Refresh (refresh.py): a credential's refresher and its refresh state, in
-    # one blob that the head's leaf covers (so the state root pins it); and the
-    # single-flight lease, which is only a hint and never trusted (see refresh.py).
-    ("0006_refresh", (
-        "ALTER TABLE credentials ADD COLUMN refresh BLOB",
-        """CREATE TABLE refresh_leases (
-            credential_id INTEGER PRIMARY KEY,
-            holder TEXT NOT NULL,
-            token BLOB NOT NULL,
-            base_version INTEGER NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
-    )),
-)
-
-_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
-    name TEXT PRIMARY KEY,
-    applied_at REAL NOT NULL
-)"""
-
-
-class VaultMissingError(NotFoundError):
-    """No vault database exists at the location."""
-
-
-class VaultRecord(NamedTuple):
-    """The vault's identity and how its root key is obtained."""
-
-    vault_id: bytes
-    created_at: float
-    kdf: str
-    verifier: bytes
-    vault_key: bytes
-    generation: int
-    #: 1 once the state is authenticated; 0 for a vault made by 0.1 (needs upgrade).
-    state_version: int = 1
-
-
-class BucketRow(NamedTuple):
-    """A stored token bucket: ``tokens`` left at time ``updated``."""
-
-    rule: str
-    actor: str
-    tokens: float
-    updated: float
-
-
-class KekRecord(NamedTuple):
-    """A stored KEK version (wrapped under the root key)."""
-
-    version: int
-    state: str
-    created_at: float
-    wrapped: bytes | None
-    wrap_count: int
-
-
-class HeadRow(NamedTuple):
-    """A credential's head: its name, current and last version, and their MAC."""
-
-    id: int
-    service: str
-    username: str
-    current_version: int | None
-    last_version: int
-    created_at: float
-    updated_at: float
-    mac: bytes
-    expires_at: float | None = None
-    versions_digest: bytes | None = None
-    #: The refresher and refresh state (refresh.py), covered by the head's leaf.
-    refresh: bytes | None = None
-
-
-class VersionRow(NamedTuple):
-    """One stored version of a credential."""
-
-    version: int
-    kek_version: int
-    wrapped_key: bytes
-    ciphertext: bytes
-    created_at: float
-    ttl: float | None = None
-    expires_at: float | None = None
-    digest: bytes | None = None
-
 
 _N = type(None)
 _VAULT_TYPES = (bytes, float, str, bytes, bytes, int, int)
@@ -1322,23 +1104,11 @@ _INSERT_EVENT = ("INSERT INTO audit_events (seq, ts_us, actor, op, service, user
 
 
 def _apply_migrations(conn: sqlite3.Connection) -> None:
-    """Apply pending migrations inside the caller's write transaction."""
-    import time
+    """Apply pending migrations inside the caller's write transaction.
 
-    conn.execute(_MIGRATIONS_TABLE)
-    done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-    unknown = done - {name for name, _ in MIGRATIONS}
-    if unknown:
-        raise UsageError(f"vault has migrations this keyring-hardened does not know "
-                         f"({', '.join(sorted(unknown))}); upgrade it")
-    for name, statements in MIGRATIONS:
-        if name in done:
-            continue
-        for statement in statements:
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                     (name, time.time()))
-    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+    ``MIGRATIONS`` is read from this module at call time: a test may add one.
+    """
+    apply_migrations(conn, MIGRATIONS)
 
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -18,21 +18,18 @@ from . import gate
 from . import refresh as refreshing
 from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
 from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
+from .humantime import utc as _utc
 from .location import validate_actor
+from .operation import _Note
+from .port import HeadRow, KekRecord, Storage
 from .secret import Secret
-from .session import (
-    IMPLICIT_INIT,
-    Session,
-    _label,
-    _Note,
-    _throttle,
-    _utc,
-)
+from .session import IMPLICIT_INIT, Session, _label, _throttle
 from .state import bucket_of
-from .storage import HeadRow, KekRecord, SQLiteStorage
 
 if TYPE_CHECKING:
+    from .keys import KeyManager
     from .passphrase import PassphraseProvider
+    from .trail import AuditTrail
 
 __all__ = ["CredentialInfo", "Explanation", "LimitState", "Store", "VersionInfo"]
 
@@ -181,6 +178,49 @@ class Store(Session):
     to the database on its first call.
     """
 
+    # -- key management and the audit trail ----------------------------
+    # Composed here, over the session: keys.py and trail.py depend on the
+    # session, and the session on neither of them.
+
+    @property
+    def keys(self) -> KeyManager:
+        """Key management: list, rotate, rewrap, retire, rekey."""
+        from .keys import KeyManager
+
+        return KeyManager(self)
+
+    @property
+    def trail(self) -> AuditTrail:
+        """The audit trail of this vault: verify, show, export, checkpoint, prune."""
+        from .trail import AuditTrail
+
+        return AuditTrail(self)
+
+    def _check_copy(self) -> dict[str, Any]:
+        """Verify this copy as ``audit verify`` does, read-only; facts about it.
+
+        The whole chain under every epoch's audit key, its ends, and every
+        row against the state root its newest event carries. Raises
+        :class:`IntegrityError` naming the first bad event.
+        """
+        with self._guard() as storage, storage.snapshot():
+            self._tx = self._begin(storage)
+            root = self._tx.root
+            try:
+                result = self.trail._check_table(storage)
+                if not result.ok:
+                    raise IntegrityError(f"audit chain broken at event {result.first_bad}: "
+                                         f"{result.problem}", f"audit-chain-{result.first_bad}")
+                meta = self._meta(storage)
+                counts = storage.counts()
+            finally:
+                self._tx = None
+        return {"vault_id": self._vault.vault_id.hex(), "epoch": self._epoch,
+                "head_seq": result.head_seq, "head_mac": result.head_mac.hex(),
+                "events_verified": result.verified, "key_version": meta.active.version,
+                "root": root,
+                **counts}
+
     # -- operations -------------------------------------------------------
 
     def get(self, service: str, username: str, *, version: int | None = None) -> Secret:
@@ -213,10 +253,10 @@ class Store(Session):
 
     def _read_body(self, service: str, username: str, version: int | None,
                    due: list[tuple[int, int, str | None]] | None, why: str | None = None
-                   ) -> Callable[[SQLiteStorage, _Note], Secret]:
+                   ) -> Callable[[Storage, _Note], Secret]:
         """The body of a read; appends (head id, version) to ``due`` when a refresh is due."""
 
-        def body(storage: SQLiteStorage, note: _Note) -> Secret:
+        def body(storage: Storage, note: _Note) -> Secret:
             head = self._existing(storage, service, username)
             if head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} is deleted",
@@ -282,7 +322,7 @@ class Store(Session):
         _check_ahead(ttl, refresh_ahead)
         data = _secret_bytes(secret)
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             now = self._clock()
             head = self._find(storage, service, username)
             if head is None:
@@ -294,7 +334,7 @@ class Store(Session):
 
         return self._run("write", service, username, body, writes=True)
 
-    def _set_refresher(self, storage: SQLiteStorage, head: HeadRow,
+    def _set_refresher(self, storage: Storage, head: HeadRow,
                        refresher: refreshing.RefreshSpec | Literal["keep"] | None,
                        ahead: float | Literal["keep"] | None, *, clear_failure: bool = False,
                        remove: bool = False) -> None:
@@ -344,7 +384,7 @@ class Store(Session):
             raise UsageError("nothing to change: give a TTL, a refresher or a refresh-ahead "
                              "window")
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             head = self._existing(storage, service, username)
             if head.current_version is None:
                 raise NotFoundError(f"credential for {_label(service, username)} is deleted",
@@ -401,7 +441,7 @@ class Store(Session):
                          if h.service == service and h.username == username), None)
             if hint is None:
                 # Say why through a checked, audited look: absent, deleted, no refresher.
-                def body(storage: SQLiteStorage, note: _Note) -> None:
+                def body(storage: Storage, note: _Note) -> None:
                     head = self._existing(storage, service, username)
                     if head.current_version is None:
                         raise NotFoundError(f"credential for {_label(service, username)} "
@@ -427,7 +467,7 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             head = self._existing(storage, service, username)
             if purge:
                 storage.purge(head.id)
@@ -458,7 +498,7 @@ class Store(Session):
         _check_name("username", username, allow_empty=True)
         _check_version(to_version)
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             head = self._existing(storage, service, username)
             rows = self._versions(storage, head)
             target = to_version
@@ -506,7 +546,7 @@ class Store(Session):
         Checks every row of the vault. Under policies, what the actor may not
         read is left out (the event's reason counts it), not refused.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> list[CredentialInfo]:
+        def body(storage: Storage, note: _Note) -> list[CredentialInfo]:
             self._full_check(storage, versions=False)
             found = [CredentialInfo(h.service, h.username, h.current_version, h.updated_at,
                                     h.expires_at, *_refresh_info(h))
@@ -528,7 +568,7 @@ class Store(Session):
         """
         _check_name("service", service, allow_empty=False)
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[str]:
+        def body(storage: Storage, note: _Note) -> list[str]:
             config = self.config.access
             if config is not None:
                 # "lookup" itself needs list (checked at the door); naming the
@@ -554,7 +594,7 @@ class Store(Session):
         _check_name("service", service, allow_empty=False)
         _check_name("username", username, allow_empty=True)
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[VersionInfo]:
+        def body(storage: Storage, note: _Note) -> list[VersionInfo]:
             head = self._existing(storage, service, username)
             plan = _refresh_info(head)
             return [VersionInfo(r.version, r.kek_version, r.created_at, True, head.expires_at,
@@ -574,7 +614,7 @@ class Store(Session):
         The seal is part of the authenticated state, so deleting it from the
         database does not unseal: it breaks the state root (exit 3).
         """
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             meta = self._meta(storage)
             if meta.seal is not None:
                 raise UsageError(f"the vault is already sealed (since {_utc(meta.seal[0])}, by "
@@ -610,7 +650,7 @@ class Store(Session):
             attempt.ended(None)
             proof = None
 
-        def body(storage: SQLiteStorage, note: _Note) -> None:
+        def body(storage: Storage, note: _Note) -> None:
             if proof is not None:
                 raise proof
             meta = self._meta(storage)
@@ -636,7 +676,7 @@ class Store(Session):
         actor = validate_actor(actor)
         config = self.config.access or AccessConfig()
 
-        def body(storage: SQLiteStorage, note: _Note) -> Explanation:
+        def body(storage: Storage, note: _Note) -> Explanation:
             meta = self._meta(storage)
             found = gate.decision(config, actor, op, service)
             if op == "list" and service is None:
@@ -665,7 +705,7 @@ class Store(Session):
     def status(self) -> dict[str, Any]:
         """Facts about the vault for ``status``: no secret, no key material."""
 
-        def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
+        def body(storage: Storage, note: _Note) -> dict[str, Any]:
             in_use = storage.keys_in_use()
             meta = self._meta(storage)
             keks = [{"version": k.version, "state": k.state, "created_at": k.created_at,
@@ -766,7 +806,7 @@ class Store(Session):
             raise UsageError("source must be a short printable name")
         data = _secret_bytes(secret)
 
-        def body(storage: SQLiteStorage, note: _Note) -> tuple[str, int | None]:
+        def body(storage: Storage, note: _Note) -> tuple[str, int | None]:
             now = self._clock()
             head = self._find(storage, service, username)
             exists = head is not None and head.current_version is not None

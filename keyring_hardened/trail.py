@@ -24,8 +24,9 @@ from .audit import Event, VerifyResult
 from .errors import IntegrityError, UsageError
 
 if TYPE_CHECKING:
-    from .session import Session, _Note
-    from .storage import SQLiteStorage
+    from .operation import _Note
+    from .port import Storage
+    from .session import Session
 
 __all__ = ["AuditTrail"]
 
@@ -99,10 +100,10 @@ class AuditTrail:
     def __init__(self, store: Session) -> None:
         self._store = store
 
-    def _keys(self, storage: SQLiteStorage) -> dict[int, bytearray]:
+    def _keys(self, storage: Storage) -> dict[int, bytearray]:
         return self._store._audit_keys(self._store._meta(storage))
 
-    def _header(self, storage: SQLiteStorage, anchor_seq: int, anchor_mac: bytes,
+    def _header(self, storage: Storage, anchor_seq: int, anchor_mac: bytes,
                 events: list[Event]) -> dict[str, Any]:
         """A format-2 header whose HMAC authenticates both ends of ``events``."""
         last_seq, last_mac = (events[-1].seq, events[-1].mac) if events \
@@ -114,7 +115,7 @@ class AuditTrail:
         header["header_mac"] = _header_mac(self._store._vkeys.audit_key, header)
         return header
 
-    def _check_table(self, storage: SQLiteStorage) -> VerifyResult:
+    def _check_table(self, storage: Storage) -> VerifyResult:
         """The whole chain, and its ends: the newest event's state root against every row."""
         keys = self._keys(storage)
         anchor_seq, anchor_mac = storage.audit_anchor()
@@ -149,7 +150,7 @@ class AuditTrail:
 
         Raises :class:`IntegrityError` naming the first bad sequence number.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> VerifyResult:
+        def body(storage: Storage, note: _Note) -> VerifyResult:
             result = self._check_table(storage)
             _raise_if_bad(result)
             if checkpoint is not None:
@@ -163,7 +164,7 @@ class AuditTrail:
         """Verify an export or archive file with this vault's keys, both ends included."""
         header, events = read_jsonl(path)
 
-        def body(storage: SQLiteStorage, note: _Note) -> VerifyResult:
+        def body(storage: Storage, note: _Note) -> VerifyResult:
             note.reason = "file"
             if header["vault_id"] != self._store._vault.vault_id.hex():
                 raise IntegrityError(f"audit file {path} belongs to another vault", "vault-id")
@@ -209,7 +210,7 @@ class AuditTrail:
         if service is not None and self._store.config.audit_hmac_identifiers:
             pattern = self._store._ident(service)
 
-        def body(storage: SQLiteStorage, note: _Note) -> list[Event]:
+        def body(storage: Storage, note: _Note) -> list[Event]:
             since_us = int(since * 1_000_000) if since is not None else None
             found = []
             for event in audit.filtered(storage.events(newest_first=True), since_us=since_us,
@@ -223,7 +224,7 @@ class AuditTrail:
 
     def export(self, path: Path) -> int:
         """Write every kept event, with chain fields, to ``path``; returns the count."""
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             anchor_seq, anchor_mac = storage.audit_anchor()
             note.reason = _path_text(path)
             events = list(storage.events(after=anchor_seq))
@@ -238,7 +239,7 @@ class AuditTrail:
         The file is written inside the operation, so a file that cannot be
         written fails the operation and its audit event says so.
         """
-        def body(storage: SQLiteStorage, note: _Note) -> dict[str, Any]:
+        def body(storage: Storage, note: _Note) -> dict[str, Any]:
             seq, mac = storage.audit_head()
             doc = {"format": FORMAT, "vault_id": self._store._vault.vault_id.hex(),
                    "seq": seq, "mac": mac.hex()}
@@ -260,7 +261,7 @@ class AuditTrail:
         if window is None:
             raise UsageError("no retention set: give --keep or set [audit] keep in config")
 
-        def body(storage: SQLiteStorage, note: _Note) -> int:
+        def body(storage: Storage, note: _Note) -> int:
             result = self._check_table(storage)
             _raise_if_bad(result)  # never archive a chain that does not verify
             cutoff = int((self._store._clock() - window) * 1_000_000)
@@ -293,7 +294,7 @@ def _path_text(path: Path) -> str:
     return text
 
 
-def _last_prune(storage: SQLiteStorage) -> int:
+def _last_prune(storage: Storage) -> int:
     """The seq through which the newest recorded prune archived (0 if none).
 
     The event is chained, so its reason was written by this code; it is
@@ -329,7 +330,7 @@ def _checkpoint_fields(checkpoint: dict[str, Any], vault_id: str) -> tuple[int, 
 
 
 def _check_checkpoint(checkpoint: dict[str, Any], vault_id: str,
-                      storage: SQLiteStorage) -> None:
+                      storage: Storage) -> None:
     seq, mac = _checkpoint_fields(checkpoint, vault_id)
     head_seq, _ = storage.audit_head()
     anchor_seq, anchor_mac = storage.audit_anchor()

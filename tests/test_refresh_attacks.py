@@ -540,6 +540,8 @@ def test_set_refresh_command_does_not_put_its_token_in_argv(home: Path) -> None:
     finally:
         proc.kill()
         proc.wait(30)
+        assert proc.stdin is not None
+        proc.stdin.close()
     assert "keyring_hardened" in seen
     assert CANARY not in seen
 
