@@ -177,7 +177,8 @@ def test_callers_and_the_background_thread_never_trade_labels(
         t.start()
     for t in threads:
         t.join(60)
-    _until(lambda: _runs(tmp_path) >= 3, "three background refreshes")
+    # Three refreshes written whole: a started and an outcome event each.
+    _until(lambda: len(_events(home, "refresh")) >= 6, "three background refreshes")
     agent.lock()
     assert errors == []
     reads = _events(home, "read")
