@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import struct
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 
 from keyring_hardened import audit
 from keyring_hardened.config import Config
-from keyring_hardened.errors import ExpiredError, IntegrityError, UsageError
+from keyring_hardened.errors import DeniedError, ExpiredError, IntegrityError, UsageError
 from keyring_hardened.store import Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1"
@@ -184,3 +186,86 @@ def test_rotation_by_age_at_the_exact_second(home: Path) -> None:
         assert [k.version for k in s.keys.versions()] == [1, 2]
         event = s.trail.show(op="key-rotate")[0]
         assert (event.reason, event.key_version) == ("auto-age", 2)
+
+
+# -- the 0.1 upgrade, from a copy of the fixture changed in the ways a 0.1 vault could be --
+
+
+def test_the_0_1_head_mac_layout_recomputed(store: Store) -> None:
+    # Each name length-prefixed (">I"), current (0 for none) and last as ">QQ",
+    # then, for an expiring head, 0x01 and the expiry as a big-endian double.
+    def prefixed(part: bytes) -> bytes:
+        return struct.pack(">I", len(part)) + part
+
+    base = (prefixed(store._vault.vault_id) + prefixed(b"svc") + prefixed("é".encode())
+            + struct.pack(">QQ", 0, 7))
+    assert store._head_mac("svc", "é", None, 7) == store._vkeys.record_mac(base)
+    assert store._head_mac("svc", "é", None, 7, 12.5) == store._vkeys.record_mac(
+        base + b"\x01" + struct.pack(">d", 12.5))
+
+
+def test_upgrade_checks_an_expiring_head_with_its_expiry(legacy: Path) -> None:
+    expires = 4_000_000_000.0
+    with Store.open(legacy, upgrade=True) as s:
+        mac = s._head_mac("svc", "user", 3, 3, expires)
+        with sqlite3.connect(legacy / "vault.db") as conn:
+            conn.execute("UPDATE credentials SET expires_at = ?, mac = ? WHERE service = 'svc'",
+                         (expires, mac))
+        conn.close()
+        assert "2 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.get("svc", "user").reveal() == "value-3"
+
+
+def test_upgrade_of_a_pruned_0_1_trail_starts_at_its_anchor(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        mac = conn.execute("SELECT mac FROM audit_events WHERE seq = 1").fetchone()[0]
+        conn.execute("DELETE FROM audit_events WHERE seq = 1")
+        conn.execute("UPDATE audit_anchor SET seq = 1, mac = ?", (mac,))
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        # a pruned chain continues from the anchor's mac, not from the genesis value
+        assert "2 credentials" in s.upgrade()
+
+
+def test_upgrade_of_a_head_without_version_rows(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        conn.execute("DELETE FROM secret_versions WHERE credential_id = 2")
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        assert "2 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.get("svc", "user").reveal() == "value-3"
+
+
+def test_upgrade_of_an_empty_0_1_vault(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        conn.execute("DELETE FROM secret_versions")
+        conn.execute("DELETE FROM credentials")
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        assert "0 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.credentials() == []
+        assert s.trail.verify().ok
+
+
+def test_upgrade_event_time_sink_and_kdf(legacy: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "sink.jsonl"
+    cfg = Config(audit_sinks=(f"file:{sink}",))
+    with Store.open(legacy, upgrade=True, config=cfg, clock=lambda: 1_900_000_000.25) as s:
+        s.upgrade()
+        event = s.trail.show(op="upgrade")[0]
+        assert event.ts_us == 1_900_000_000_250_000
+        assert s.status()["kdf"] == s._kdf.describe()
+        assert s._kdf is not None
+    sent = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [(e["op"], e["seq"]) for e in sent if e["op"] == "upgrade"] == [("upgrade", event.seq)]
+
+
+def test_upgrade_refused_names_the_actor(legacy: Path) -> None:
+    text = '[[policies]]\nactors = ["*"]\nservices = ["*"]\ndeny = ["admin"]\n'
+    cfg = Config.from_mapping(tomllib.loads(text))
+    with Store.open(legacy, upgrade=True, actor="operator", config=cfg) as s, \
+            pytest.raises(DeniedError, match="actor 'operator' may not admin"):
+        s.upgrade()
