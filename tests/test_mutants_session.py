@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import struct
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,16 @@ import pytest
 
 from keyring_hardened import audit
 from keyring_hardened.config import Config
-from keyring_hardened.errors import DeniedError, ExpiredError, IntegrityError, UsageError
+from keyring_hardened.errors import (
+    DeniedError,
+    ExpiredError,
+    IntegrityError,
+    LockedError,
+    UsageError,
+)
 from keyring_hardened.store import Store
+
+from .conftest import FAST_KDF, PASSPHRASE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1"
 
@@ -269,3 +278,67 @@ def test_upgrade_refused_names_the_actor(legacy: Path) -> None:
     with Store.open(legacy, upgrade=True, actor="operator", config=cfg) as s, \
             pytest.raises(DeniedError, match="actor 'operator' may not admin"):
         s.upgrade()
+
+
+# -- failed unlocks waiting in audit_pending, folded in-process ------------------------------
+# (tests/test_pending_forgery.py drives the same through the CLI, in child processes)
+
+
+def _pending(home: Path, *rows: tuple[object, str, str, str, str | None]) -> None:
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.executemany("INSERT INTO audit_pending (ts_us, actor, op, outcome, reason)"
+                         " VALUES (?, ?, ?, ?, ?)", rows)
+    conn.close()
+
+
+@pytest.mark.parametrize("row", [
+    (1, "mallory", "audit-prune", "locked", "wrong-key"),  # not an unlock
+    (1, "mallory", "unlock", "ok", "wrong-key"),           # not a failure
+    (1, "mallory", "unlock", "locked", "made-up"),         # an unknown reason
+    (1, "mallory", "read", "ok", None),
+    ("x", "mallory", "unlock", "locked", "wrong-key"),     # a time that is not a number
+    (1, "bad\nactor", "unlock", "locked", "wrong-key"),
+])
+def test_a_forged_pending_row_fails_the_open(home: Path,
+                                             row: tuple[object, str, str, str, str | None]
+                                             ) -> None:
+    Store.init(home).close()
+    _pending(home, row)
+    with pytest.raises(IntegrityError) as info:
+        Store.open(home)
+    assert info.value.reason == "forged-pending"
+
+
+def test_forged_rows_are_counted_and_good_ones_clamped(home: Path) -> None:
+    clock = lambda: 1_900_000_000.0  # noqa: E731
+    Store.init(home, clock=clock).close()
+    _pending(home, (1, "mallory", "unlock", "ok", None), (2, "mallory", "read", "ok", None))
+    with pytest.raises(IntegrityError):
+        Store.open(home, clock=clock)
+    with Store.open(home, clock=clock) as s:
+        assert s.trail.show(op="unlock")[0].reason == "forged-pending-2"
+    _pending(home, (5_000_000_000_000_000, "eve", "unlock", "locked", "wrong-key"),
+             (1, "eve", "unlock", "locked", "no-key-file"))
+    with Store.open(home, clock=clock) as s:
+        late, early = [e for e in s.trail.show(op="unlock") if e.actor == "eve"][:2][::-1]
+        assert late.ts_us == 1_900_000_000_000_000  # a future time is clamped to now
+        assert early.ts_us == late.ts_us  # a backdated one to the newest event before it
+        assert s.trail.verify().ok
+
+
+def test_a_notice_is_logged_as_it_is(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        store.notice("100% done, %s left")
+    assert [r.getMessage() for r in caplog.records] == ["100% done, %s left"]
+
+
+def test_unseal_proof_of_a_passphrase_vault(home: Path) -> None:
+    command = (sys.executable, "-c", f"print({PASSPHRASE!r})")
+    cfg = FAST_KDF._replace(passphrase_command=command)
+    with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=cfg) as s:
+        s.seal()
+        with pytest.raises(LockedError) as info:
+            s.unseal(passphrase="not the passphrase")
+        assert info.value.reason == "wrong-passphrase"
+        s.unseal()  # the configured passphrase command
+        assert s.status()["sealed"] is None
