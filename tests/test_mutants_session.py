@@ -319,7 +319,12 @@ def test_forged_rows_are_counted_and_good_ones_clamped(home: Path) -> None:
         assert s.trail.show(op="unlock")[0].reason == "forged-pending-2"
     _pending(home, (5_000_000_000_000_000, "eve", "unlock", "locked", "wrong-key"),
              (1, "eve", "unlock", "locked", "no-key-file"))
-    with Store.open(home, clock=clock) as s:
+    sink = home.parent / "sink.jsonl"
+    with Store.open(home, clock=clock, config=Config(audit_sinks=(f"file:{sink}",))) as s:
+        sent = [json.loads(line) for line in sink.read_text().splitlines()]
+        assert [(e["actor"], e["reason"]) for e in sent if e["op"] == "unlock"] == [
+            ("eve", "wrong-key; recorded before unlock"),
+            ("eve", "no-key-file; recorded before unlock")]
         late, early = [e for e in s.trail.show(op="unlock") if e.actor == "eve"][:2][::-1]
         assert late.ts_us == 1_900_000_000_000_000  # a future time is clamped to now
         assert early.ts_us == late.ts_us  # a backdated one to the newest event before it

@@ -311,6 +311,14 @@ operations = ["list"]
 limit = 5
 per = "1s"
 burst = 5
+
+[[rate_limits]]
+actors = ["*"]
+services = ["prod/*"]
+operations = ["read"]
+limit = 1
+per = "1h"
+burst = 1
 """
 
 
@@ -355,6 +363,12 @@ def test_explain_answers_for_the_request_asked(home: Path) -> None:
         half = s.explain("app", "read", "ci/app").limits[0]
         assert half.tokens == pytest.approx(0.5)
         assert half.retry_after == pytest.approx(5.0)
+        clock.now += 10
+        more = s.explain("app", "read", "ci/app").limits[0]
+        assert (more.tokens, more.retry_after) == (pytest.approx(1.5), 0.0)
+        # a limit on prod/* applies to prod/db only
+        assert [lim.rule.split(":")[0] for lim in s.explain("app", "read", "prod/db").limits] \
+            == ["rate_limits[0]", "rate_limits[2]"]
     with Store.open(home, actor="admin", clock=clock) as s:
         assert s.explain("admin", "read", "ci/app").unconfigured
         s.seal()
@@ -421,6 +435,10 @@ def test_ttl_keeps_the_stored_ttl_for_the_refresh_ahead_check(store: Store) -> N
     store.ttl("svc", "u", refresher=spec, refresh_ahead=50)
     store.ttl("svc", "u", refresh_ahead=None)
     assert store.trail.show(op="ttl")[0].reason == "ahead-none"
+    store.ttl("svc", "u", refresh_ahead=50)
+    # removing the refresher drops its window: a shorter TTL is no conflict then
+    store.ttl("svc", "u", ttl=10, refresher=None)
+    assert store.trail.show(op="ttl")[0].reason == "ttl-10s; refresher-removed"
 
 
 # -- import (issue 14), in-process ---------------------------------------------------------
