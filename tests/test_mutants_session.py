@@ -12,6 +12,9 @@ import logging
 import os
 import shutil
 import sqlite3
+import struct
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +22,16 @@ import pytest
 
 from keyring_hardened import audit
 from keyring_hardened.config import Config
-from keyring_hardened.errors import ExpiredError, IntegrityError, UsageError
+from keyring_hardened.errors import (
+    DeniedError,
+    ExpiredError,
+    IntegrityError,
+    LockedError,
+    UsageError,
+)
 from keyring_hardened.store import Store
+
+from .conftest import FAST_KDF, PASSPHRASE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1"
 
@@ -184,3 +195,155 @@ def test_rotation_by_age_at_the_exact_second(home: Path) -> None:
         assert [k.version for k in s.keys.versions()] == [1, 2]
         event = s.trail.show(op="key-rotate")[0]
         assert (event.reason, event.key_version) == ("auto-age", 2)
+
+
+# -- the 0.1 upgrade, from a copy of the fixture changed in the ways a 0.1 vault could be --
+
+
+def test_the_0_1_head_mac_layout_recomputed(store: Store) -> None:
+    # Each name length-prefixed (">I"), current (0 for none) and last as ">QQ",
+    # then, for an expiring head, 0x01 and the expiry as a big-endian double.
+    def prefixed(part: bytes) -> bytes:
+        return struct.pack(">I", len(part)) + part
+
+    base = (prefixed(store._vault.vault_id) + prefixed(b"svc") + prefixed("é".encode())
+            + struct.pack(">QQ", 0, 7))
+    assert store._head_mac("svc", "é", None, 7) == store._vkeys.record_mac(base)
+    assert store._head_mac("svc", "é", None, 7, 12.5) == store._vkeys.record_mac(
+        base + b"\x01" + struct.pack(">d", 12.5))
+
+
+def test_upgrade_checks_an_expiring_head_with_its_expiry(legacy: Path) -> None:
+    expires = 4_000_000_000.0
+    with Store.open(legacy, upgrade=True) as s:
+        mac = s._head_mac("svc", "user", 3, 3, expires)
+        with sqlite3.connect(legacy / "vault.db") as conn:
+            conn.execute("UPDATE credentials SET expires_at = ?, mac = ? WHERE service = 'svc'",
+                         (expires, mac))
+        conn.close()
+        assert "2 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.get("svc", "user").reveal() == "value-3"
+
+
+def test_upgrade_of_a_pruned_0_1_trail_starts_at_its_anchor(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        mac = conn.execute("SELECT mac FROM audit_events WHERE seq = 1").fetchone()[0]
+        conn.execute("DELETE FROM audit_events WHERE seq = 1")
+        conn.execute("UPDATE audit_anchor SET seq = 1, mac = ?", (mac,))
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        # a pruned chain continues from the anchor's mac, not from the genesis value
+        assert "2 credentials" in s.upgrade()
+
+
+def test_upgrade_of_a_head_without_version_rows(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        conn.execute("DELETE FROM secret_versions WHERE credential_id = 2")
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        assert "2 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.get("svc", "user").reveal() == "value-3"
+
+
+def test_upgrade_of_an_empty_0_1_vault(legacy: Path) -> None:
+    with sqlite3.connect(legacy / "vault.db") as conn:
+        conn.execute("DELETE FROM secret_versions")
+        conn.execute("DELETE FROM credentials")
+    conn.close()
+    with Store.open(legacy, upgrade=True) as s:
+        assert "0 credentials" in s.upgrade()
+    with Store.open(legacy) as s:
+        assert s.credentials() == []
+        assert s.trail.verify().ok
+
+
+def test_upgrade_event_time_sink_and_kdf(legacy: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "sink.jsonl"
+    cfg = Config(audit_sinks=(f"file:{sink}",))
+    with Store.open(legacy, upgrade=True, config=cfg, clock=lambda: 1_900_000_000.25) as s:
+        s.upgrade()
+        event = s.trail.show(op="upgrade")[0]
+        assert event.ts_us == 1_900_000_000_250_000
+        assert s.status()["kdf"] == s._kdf.describe()
+        assert s._kdf is not None
+    sent = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [(e["op"], e["seq"]) for e in sent if e["op"] == "upgrade"] == [("upgrade", event.seq)]
+
+
+def test_upgrade_refused_names_the_actor(legacy: Path) -> None:
+    text = '[[policies]]\nactors = ["*"]\nservices = ["*"]\ndeny = ["admin"]\n'
+    cfg = Config.from_mapping(tomllib.loads(text))
+    with Store.open(legacy, upgrade=True, actor="operator", config=cfg) as s, \
+            pytest.raises(DeniedError, match="actor 'operator' may not admin"):
+        s.upgrade()
+
+
+# -- failed unlocks waiting in audit_pending, folded in-process ------------------------------
+# (tests/test_pending_forgery.py drives the same through the CLI, in child processes)
+
+
+def _pending(home: Path, *rows: tuple[object, str, str, str, str | None]) -> None:
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.executemany("INSERT INTO audit_pending (ts_us, actor, op, outcome, reason)"
+                         " VALUES (?, ?, ?, ?, ?)", rows)
+    conn.close()
+
+
+@pytest.mark.parametrize("row", [
+    (1, "mallory", "audit-prune", "locked", "wrong-key"),  # not an unlock
+    (1, "mallory", "unlock", "ok", "wrong-key"),           # not a failure
+    (1, "mallory", "unlock", "locked", "made-up"),         # an unknown reason
+    (1, "mallory", "read", "ok", None),
+    ("x", "mallory", "unlock", "locked", "wrong-key"),     # a time that is not a number
+    (1, "bad\nactor", "unlock", "locked", "wrong-key"),
+])
+def test_a_forged_pending_row_fails_the_open(home: Path,
+                                             row: tuple[object, str, str, str, str | None]
+                                             ) -> None:
+    Store.init(home).close()
+    _pending(home, row)
+    with pytest.raises(IntegrityError) as info:
+        Store.open(home)
+    assert info.value.reason == "forged-pending"
+
+
+def test_forged_rows_are_counted_and_good_ones_clamped(home: Path) -> None:
+    clock = lambda: 1_900_000_000.0  # noqa: E731
+    Store.init(home, clock=clock).close()
+    _pending(home, (1, "mallory", "unlock", "ok", None), (2, "mallory", "read", "ok", None))
+    with pytest.raises(IntegrityError):
+        Store.open(home, clock=clock)
+    with Store.open(home, clock=clock) as s:
+        assert s.trail.show(op="unlock")[0].reason == "forged-pending-2"
+    _pending(home, (5_000_000_000_000_000, "eve", "unlock", "locked", "wrong-key"),
+             (1, "eve", "unlock", "locked", "no-key-file"))
+    sink = home.parent / "sink.jsonl"
+    with Store.open(home, clock=clock, config=Config(audit_sinks=(f"file:{sink}",))) as s:
+        sent = [json.loads(line) for line in sink.read_text().splitlines()]
+        assert [(e["actor"], e["reason"]) for e in sent if e["op"] == "unlock"] == [
+            ("eve", "wrong-key; recorded before unlock"),
+            ("eve", "no-key-file; recorded before unlock")]
+        late, early = [e for e in s.trail.show(op="unlock") if e.actor == "eve"][:2][::-1]
+        assert late.ts_us == 1_900_000_000_000_000  # a future time is clamped to now
+        assert early.ts_us == late.ts_us  # a backdated one to the newest event before it
+        assert s.trail.verify().ok
+
+
+def test_a_notice_is_logged_as_it_is(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        store.notice("100% done, %s left")
+    assert [r.getMessage() for r in caplog.records] == ["100% done, %s left"]
+
+
+def test_unseal_proof_of_a_passphrase_vault(home: Path) -> None:
+    command = (sys.executable, "-c", f"print({PASSPHRASE!r})")
+    cfg = FAST_KDF._replace(passphrase_command=command)
+    with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=cfg) as s:
+        s.seal()
+        with pytest.raises(LockedError) as info:
+            s.unseal(passphrase="not the passphrase")
+        assert info.value.reason == "wrong-passphrase"
+        s.unseal()  # the configured passphrase command
+        assert s.status()["sealed"] is None

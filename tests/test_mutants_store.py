@@ -7,15 +7,19 @@ one past it, and the answers of list, usernames, history and status.
 from __future__ import annotations
 
 import os
+import sys
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from keyring_hardened.config import Config
 from keyring_hardened.errors import ExpiredError, NotFoundError, UsageError
+from keyring_hardened.refresh import command_spec
 from keyring_hardened.store import MAX_NAME_BYTES, MAX_SECRET_BYTES, Store
 
-from .conftest import FAST_KDF
+from .conftest import FAST_KDF, PASSPHRASE
 
 
 class Clock:
@@ -282,3 +286,236 @@ def test_usernames_keep_to_their_service_within_a_bucket(store: Store) -> None:
     assert store.usernames(neighbour) == ["mallory"]
     event = store.trail.show(op="lookup")[0]
     assert (event.service, event.username) == (neighbour, None)
+
+
+# -- policy test (Store.explain): reached in-process by few tests -------------------------
+
+_EXPLAIN = """
+[[policies]]
+actors = ["*"]
+services = ["prod/*"]
+deny = ["read"]
+
+[[rate_limits]]
+actors = ["*"]
+services = ["*"]
+operations = ["read"]
+limit = 1
+per = "10s"
+burst = 2
+
+[[rate_limits]]
+actors = ["*"]
+services = ["*"]
+operations = ["list"]
+limit = 5
+per = "1s"
+burst = 5
+
+[[rate_limits]]
+actors = ["*"]
+services = ["prod/*"]
+operations = ["read"]
+limit = 1
+per = "1h"
+burst = 1
+"""
+
+
+def _access(text: str) -> Config:
+    return Config.from_mapping(tomllib.loads(text))
+
+
+def test_explain_answers_for_the_request_asked(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, actor="admin", clock=clock) as s:
+        s.set("ci/app", "deploy", "x")
+        s.set("prod/db", "root", "y")
+    with Store.open(home, actor="app", config=_access(_EXPLAIN), clock=clock) as s:
+        e = s.explain("app", "read", "ci/app")
+        assert (e.actor, e.op, e.service, e.allowed, e.unconfigured, e.seal) == (
+            "app", "read", "ci/app", True, False, None)
+        assert [(lim.rule.split(":")[0], lim.tokens, lim.retry_after) for lim in e.limits] == [
+            ("rate_limits[0]", 2.0, 0.0)]
+        # write is allowed where read is not; list of a service needs read too
+        assert s.explain("app", "write", "prod/db").allowed
+        assert not s.explain("app", "list", "prod/db").allowed
+        assert s.explain("app", "list", "ci/app").allowed
+        assert not s.explain("app", "read", "prod/db").allowed
+        # a vault-wide list is matched by the list limit (index 1) for every service
+        wide = s.explain("app", "list", None)
+        assert [lim.rule.split(":")[0] for lim in wide.limits] == ["rate_limits[1]"]
+        assert wide.service is None
+        assert wide.allowed
+        for bad in ("", "\x00"):
+            with pytest.raises(UsageError):
+                s.explain("app", "read", bad)
+        with pytest.raises(UsageError):
+            s.explain("app", "read", None)
+        # the buckets as they stand: one read left, then none, then half a token
+        s.get("ci/app", "deploy")
+        one = s.explain("app", "read", "ci/app").limits[0]
+        assert (one.tokens, one.retry_after) == (1.0, 0.0)
+        s.get("ci/app", "deploy")
+        none = s.explain("app", "read", "ci/app").limits[0]
+        assert (none.tokens, none.retry_after) == (0.0, 10.0)
+        clock.now += 5
+        half = s.explain("app", "read", "ci/app").limits[0]
+        assert half.tokens == pytest.approx(0.5)
+        assert half.retry_after == pytest.approx(5.0)
+        clock.now += 10
+        more = s.explain("app", "read", "ci/app").limits[0]
+        assert more.tokens == pytest.approx(1.5)
+        assert more.retry_after == 0.0
+        # a limit on prod/* applies to prod/db only
+        assert [lim.rule.split(":")[0] for lim in s.explain("app", "read", "prod/db").limits] \
+            == ["rate_limits[0]", "rate_limits[2]"]
+    with Store.open(home, actor="admin", clock=clock) as s:
+        assert s.explain("admin", "read", "ci/app").unconfigured
+        s.seal()
+        assert s.explain("admin", "read", "ci/app").seal == (clock.now, "admin")
+
+
+# -- ttl: reached in-process only by the refresh tests -------------------------------------
+
+
+def test_ttl_checks_its_arguments(store: Store) -> None:
+    store.set("svc", "", "x")
+    store.ttl("svc", "", ttl=100)  # an empty username is a username
+    for kwargs in ({"ttl": -5}, {"ttl": True}, {"refresh_ahead": -5}, {"refresh_ahead": 0}):
+        with pytest.raises(UsageError):
+            store.ttl("svc", "", **kwargs)
+    for service in ("", "a" * (MAX_NAME_BYTES + 1)):
+        with pytest.raises(UsageError):
+            store.ttl(service, "", ttl=100)
+    with pytest.raises(UsageError):
+        store.ttl("svc", "a" * (MAX_NAME_BYTES + 1), ttl=100)
+
+
+def test_ttl_is_stored_audited_and_survives_reopening(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "u", "x")
+        s.set("svc", "u", "y")
+        s.ttl("svc", "u", ttl=100)
+        event = s.trail.show(op="ttl")[0]
+        assert (event.service, event.username, event.reason) == ("svc", "u", "ttl-100s")
+        assert [v.expires_at for v in s.history("svc", "u")] == [clock.now + 100, None]
+    with Store.open(home, clock=clock) as s:
+        assert s.get("svc", "u").reveal() == "y"
+        clock.now += 100
+        with pytest.raises(ExpiredError):
+            s.get("svc", "u")
+        s.ttl("svc", "u", ttl=None)
+        assert s.trail.show(op="ttl")[0].reason == "ttl-none"
+        assert s.get("svc", "u").reveal() == "y"
+    with Store.open(home, clock=clock) as s:
+        assert s.trail.verify().ok
+        assert s.get("svc", "u").reveal() == "y"
+
+
+def test_a_refused_ttl_change_leaves_nothing_behind(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.set("svc", "u", "x")
+        with pytest.raises(UsageError) as info:
+            s.ttl("svc", "u", ttl=100, refresh_ahead=10)  # no refresher to refresh ahead
+        assert info.value.reason == "no-refresher"
+        assert [v.expires_at for v in s.history("svc", "u")] == [None]
+    with Store.open(home, clock=clock) as s:
+        clock.now += 1000
+        assert s.get("svc", "u").reveal() == "x"
+
+
+def test_ttl_keeps_the_stored_ttl_for_the_refresh_ahead_check(store: Store) -> None:
+    store.set("svc", "u", "x")
+    store.ttl("svc", "u", ttl=100)
+    spec = command_spec(f"{sys.executable} -c pass")
+    with pytest.raises(UsageError):
+        store.ttl("svc", "u", refresher=spec, refresh_ahead=200)
+    store.ttl("svc", "u", refresher=spec, refresh_ahead=50)
+    store.ttl("svc", "u", refresh_ahead=None)
+    assert store.trail.show(op="ttl")[0].reason == "ahead-none"
+    store.ttl("svc", "u", refresh_ahead=50)
+    # removing the refresher drops its window: a shorter TTL is no conflict then
+    store.ttl("svc", "u", ttl=10, refresher=None)
+    assert store.trail.show(op="ttl")[0].reason == "ttl-10s; refresher-removed"
+
+
+# -- import (issue 14), in-process ---------------------------------------------------------
+
+
+def test_import_secret_outcomes_and_events(store: Store) -> None:
+    assert store.import_secret("svc", "", "a", source="old") == ("imported", 1)
+    event = store.trail.show(op="import")[0]
+    assert (event.service, event.username, event.reason) == ("svc", "", "from old")
+    assert store.import_secret("svc", "", "b", source="old") == ("skipped", None)
+    assert store.trail.show(op="import")[0].reason == "skipped, exists; from old"
+    assert store.get("svc", "").reveal() == "a"
+    assert store.import_secret("svc", "", "c", source="old", update=True) == ("updated", 2)
+    assert store.trail.show(op="import")[0].reason == "from old"
+    assert store.get("svc", "").reveal() == "c"
+
+
+def test_import_secret_checks_its_arguments(store: Store) -> None:
+    store.import_secret("svc", "u", "x", source="s" * 200)
+    for kwargs in ({"source": ""}, {"source": "s" * 201}, {"source": "a\nb"},
+                   {"source": "a\x00b"}):
+        with pytest.raises(UsageError):
+            store.import_secret("svc", "u", "x", **kwargs)  # type: ignore[arg-type]
+    for service, username in (("", "u"), ("a" * (MAX_NAME_BYTES + 1), "u"),
+                              ("svc", "a" * (MAX_NAME_BYTES + 1))):
+        with pytest.raises(UsageError):
+            store.import_secret(service, username, "x", source="s")
+
+
+# -- refresh now, seal, unseal ---------------------------------------------------------------
+
+
+def test_refresh_without_a_refresher_names_the_credential(store: Store) -> None:
+    store.set("svc", "", "x")
+    with pytest.raises(UsageError) as info:
+        store.refresh("svc", "")
+    assert info.value.reason == "no-refresher"
+    event = store.trail.show(op="refresh")[0]
+    assert (event.service, event.username, event.outcome) == ("svc", "", "usage")
+    for service in ("", "a" * (MAX_NAME_BYTES + 1)):
+        with pytest.raises(UsageError):
+            store.refresh(service, "")
+
+
+def test_unseal_is_audited_with_the_seal_time(home: Path) -> None:
+    clock = Clock()
+    with Store.init(home, clock=clock) as s:
+        s.seal()
+        clock.now += 7
+        s.unseal()
+        assert s.trail.show(op="unseal")[0].reason == f"sealed-since-{int(clock.now) - 7}"
+
+
+def test_unseal_of_a_passphrase_vault_asks_the_prompt(home: Path) -> None:
+    with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=FAST_KDF) as s:
+        s.seal()
+        s.unseal(prompt=lambda: PASSPHRASE)
+        assert s.status()["sealed"] is None
+
+
+def test_argument_errors_name_the_argument(store: Store) -> None:
+    store.set("svc", "u", "x")
+    long = "a" * (MAX_NAME_BYTES + 1)
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("service", lambda: store.ttl("", "u", ttl=1)),
+        ("username", lambda: store.ttl("svc", long, ttl=1)),
+        ("ttl", lambda: store.ttl("svc", "u", ttl=-1)),
+        ("refresh_ahead", lambda: store.ttl("svc", "u", refresh_ahead=-1)),
+        ("service", lambda: store.import_secret("", "u", "x", source="s")),
+        ("username", lambda: store.import_secret("svc", long, "x", source="s")),
+        ("source", lambda: store.import_secret("svc", "u", "x", source="")),
+        ("service", lambda: store.refresh("", "u")),
+        ("username", lambda: store.refresh("svc", long)),
+        ("service", lambda: store.explain("a", "read", "")),
+    ]
+    for what, call in calls:
+        with pytest.raises(UsageError) as info:
+            call()
+        assert str(info.value).startswith(f"{what} "), (what, str(info.value))

@@ -1,0 +1,51 @@
+"""Tests that kill mutants of refresh.py which the rest of the suite let live.
+
+The example refreshers (``generate``, ``file``) at their bounds, and the
+time format of refresh messages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from keyring_hardened import refresh
+from keyring_hardened.refresh import OUTPUT_LIMIT, RefreshContext
+
+
+def _context(argument: str | None) -> RefreshContext:
+    return RefreshContext("svc", "u", 1, None, argument, 30.0)
+
+
+def test_utc_format() -> None:
+    assert refresh._utc(0) == "1970-01-01T00:00:00Z"
+    assert refresh._utc(1_900_000_000.9) == "2030-03-17T17:46:40Z"
+
+
+def test_generate_sizes() -> None:
+    assert len(refresh.generate_refresher(_context(None))) == 43  # 32 bytes, base64url
+    assert len(refresh.generate_refresher(_context("16"))) == 22
+    assert len(refresh.generate_refresher(_context("1024"))) == 1366
+    for bad in ("15", "1025", "x", "-20"):
+        with pytest.raises(ValueError, match="byte count"):
+            refresh.generate_refresher(_context(bad))
+
+
+def test_file_refresher_reads_up_to_the_limit_and_two_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"a" * OUTPUT_LIMIT + b"\n")
+    assert len(refresh.file_refresher(_context(str(path)))) == OUTPUT_LIMIT
+    path.write_bytes(b"b" * (OUTPUT_LIMIT + 5))
+    # two bytes past the limit, so the caller sees the output is too long
+    assert len(refresh.file_refresher(_context(str(path)))) == OUTPUT_LIMIT + 2
+
+
+def test_file_refresher_never_waits_on_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        refresh.file_refresher(_context(str(fifo)))
+    with pytest.raises(ValueError, match="absolute path"):
+        refresh.file_refresher(_context(None))
