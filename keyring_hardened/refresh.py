@@ -419,14 +419,24 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel kill the child when its parent dies (Linux)."""
+@lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int] | None:
+    """Libc's ``prctl``, looked up once per process; None where there is none."""
     import ctypes
-    import signal
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        found: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+    return found
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel kill the child when its parent dies (Linux)."""
+    import signal
+
+    prctl = _prctl()
+    if prctl is None:
         return None  # not Linux: the reader's own timeout is the only bound
     parent = os.getpid()
 

@@ -30,6 +30,7 @@ from keyring_hardened.location import Location
 from keyring_hardened.store import Store
 
 from .conftest import CANARY, FAST_KDF, PASSPHRASE, run_cli
+from .test_refresh import runs
 
 
 def _counter(tmp_path: Path, *, fail: bool = False) -> str:
@@ -43,11 +44,6 @@ def _counter(tmp_path: Path, *, fail: bool = False) -> str:
         + ("sys.stderr.write('issuer said no\\n'); sys.exit(3)\n" if fail
            else "print('fresh-' + str(n))\n"))
     return f"{sys.executable} {script}"
-
-
-def _runs(tmp_path: Path) -> int:
-    counter = tmp_path / "runs"
-    return len(counter.read_text()) if counter.exists() else 0
 
 
 def _until(check: object, what: str, timeout: float = 60.0) -> None:
@@ -134,7 +130,7 @@ def test_the_agent_refreshes_in_the_background_and_stops_when_locked(
     assert handle is not None
     assert handle.alive
     # No caller reads it: the agent's thread renews it on its own.
-    _until(lambda: _runs(tmp_path) >= 1, "the background refresh")
+    _until(lambda: runs(tmp_path) >= 1, "the background refresh")
     with Store.open(home) as s:
         # Each new version is due a second later again (600 s, 599 s ahead).
         _until(lambda: s.history("cloud", "token")[0].version >= 2, "version 2")
@@ -196,7 +192,7 @@ def test_a_failing_refresher_warns_the_caller_through_the_agent(
         s.set("cloud", "token", CANARY, ttl=600,
               refresher=refresh.command_spec(_counter(tmp_path, fail=True)), refresh_ahead=599)
     agent.unlock(None)
-    _until(lambda: _runs(tmp_path) >= 1, "the failing refresh")
+    _until(lambda: runs(tmp_path) >= 1, "the failing refresh")
     with Store.open(home) as s:
         _until(lambda: refresh.counts(s)["failing"] == 1, "the failure recorded")
     with AgentStore(agent.path, Location.resolve(home)) as client:
@@ -220,11 +216,11 @@ def test_the_inline_reader_is_warned_while_its_refresher_backs_off(home: Path,
               refresher=refresh.command_spec(_counter(tmp_path, fail=True)), refresh_ahead=60)
         now[0] += 550  # inside the window, still valid
         assert s.get("cloud", "token").reveal() == "old"  # runs it: fails
-        assert _runs(tmp_path) == 1
+        assert runs(tmp_path) == 1
         assert "failed (exit 3" in s.notices[-1]
         s.notices.clear()
         assert s.get("cloud", "token").reveal() == "old"  # backing off: not run, but said
-        assert _runs(tmp_path) == 1
+        assert runs(tmp_path) == 1
         assert len(s.notices) == 1
         assert "is failing: the last refresh failed" in s.notices[0]
 
@@ -245,7 +241,7 @@ def test_a_real_agent_refreshes_without_reads_and_its_cli_callers_see_the_warnin
                       env={**env, "KEYRING_HARDENED_PASSPHRASE": PASSPHRASE})
     assert started.returncode == 0, started.stderr
     try:
-        _until(lambda: _runs(tmp_path) >= 1 and _runs(bad) >= 1, "both background refreshes")
+        _until(lambda: runs(tmp_path) >= 1 and runs(bad) >= 1, "both background refreshes")
         status = run_cli("agent", "status", "--json", home=home, env={})
         assert json.loads(status.stdout)["state"] == "unlocked"
         got = run_cli("get", "cloud", "token", home=home, env={})

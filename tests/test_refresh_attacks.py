@@ -36,21 +36,11 @@ from keyring_hardened.refresh import RefreshContext, RefreshSpec, command_spec
 from keyring_hardened.store import Store
 
 from .conftest import CANARY, FAST_KDF, PASSPHRASE
+from .test_refresh import Clock, counting, events, runs
 
-T0 = 1_000_000.0
 OTHER = 65534
 needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                                 reason="acting as another user needs root")
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -70,30 +60,6 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
     return path
-
-
-def counting(tmp_path: Path, value: str = "fresh") -> RefreshSpec:
-    """A refresher that counts its runs in ``tmp_path/runs`` and prints ``value-<run>``."""
-    path = script(tmp_path, "counting.py", f"""
-        import pathlib
-        p = pathlib.Path({str(tmp_path / 'runs')!r})
-        n = len(p.read_text()) + 1 if p.exists() else 1
-        p.write_text('x' * n)
-        print({value!r} + '-' + str(n))
-    """)
-    return command_spec(f"{sys.executable} {path}")
-
-
-def runs(tmp_path: Path) -> int:
-    counter = tmp_path / "runs"
-    return len(counter.read_text()) if counter.exists() else 0
-
-
-def events(home: Path, op: str | None = None) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(home / "vault.db") as conn:
-        rows = list(conn.execute("SELECT actor, op, service, username, outcome, reason"
-                                 " FROM audit_events ORDER BY seq"))
-    return [r for r in rows if op is None or r[1] == op]
 
 
 def _sql(home: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
