@@ -223,12 +223,21 @@ class HardenedKeyring(KeyringBackend):
         # is read through the trusted, non-blocking open).
         try:
             location = Location.resolve()
-            if not os.path.lexists(location.database):
+            # A shared vault (PostgreSQL) is named by the environment or the
+            # config; whether it exists is not asked here (no connection in
+            # every process that lists backends).
+            shared = bool(os.environ.get("KEYRING_HARDENED_STORAGE_URL"))
+            if not shared and not os.path.lexists(location.database) \
+                    and not os.path.lexists(location.config_file):
                 return 0.9
             if os.path.lexists(location.config_file):
                 from .config import load_config
 
-                return load_config(location.config_file).backend_priority
+                config = load_config(location.config_file)
+                if not shared and config.storage_url is None \
+                        and not os.path.lexists(location.database):
+                    return 0.9
+                return config.backend_priority
         except errors.HardenedError:
             pass  # reported on first use, where the user sees it
         except OSError:

@@ -219,9 +219,16 @@ def backup(store: Session, target: Path) -> BackupReport:
     ``target``; a copy that fails is never published. Audited as ``backup``
     (the path and the copy's head event as its reason).
     """
+    from .engines import shared
     from .store import Store
 
     gate.require_admin(store, "backup")
+    if shared(store.config):
+        # A copy is a SQLite file checked by the SQLite engine; migrate-storage
+        # makes one from PostgreSQL, verified entry by entry.
+        raise UsageError("backup of a PostgreSQL vault: use keyring-hardened migrate-storage "
+                         "--to sqlite:///FILE (a verified copy), and PostgreSQL's own backups",
+                         "engine-refused")
     _check_target(target, store.location)
     home = store.location.home
     staged = home / f".backup.{secrets.token_hex(8)}.tmp"
@@ -340,7 +347,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
     vault as it was.
     """
     from .config import load_config
-    from .engines import engine
+    from .engines import file_engine, shared
     from .location import make_home
     from .store import Store
 
@@ -350,6 +357,10 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
     location.check_home()
     cfg = config if config is not None else load_config(location.config_file,
                                                         location.config_required)
+    if shared(cfg):
+        raise UsageError("restore into a PostgreSQL vault: use keyring-hardened migrate-storage "
+                         "--to URL from the backup file into an empty database, or PostgreSQL's "
+                         "own restore", "engine-refused")
     database = location.database
     src_fd = _open_source(source, "backup file")  # refuse a bad path before any work
     try:
@@ -370,7 +381,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             facts = copy._check_copy()
             if os.path.lexists(database):
                 try:
-                    live = _Live(engine().open(database, cfg.synchronous, cfg.busy_timeout))
+                    live = _Live(file_engine().open(database, cfg.synchronous, cfg.busy_timeout))
                 except HardenedError as exc:
                     if isinstance(exc, ConfigError):
                         raise  # an untrusted vault file is not "damaged": never replace it
@@ -424,7 +435,7 @@ def restore(source: Path, home: str | os.PathLike[str] | None = None, *,
             if os.path.lexists(database):
                 replaced = _replaced_name(database, now)
                 _set_aside(database, replaced)
-            fresh = engine().open_copy(staged, cfg.synchronous, cfg.busy_timeout)
+            fresh = file_engine().open_copy(staged, cfg.synchronous, cfg.busy_timeout)
             try:
                 fresh.use_wal()
             finally:

@@ -229,7 +229,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     """Store a new version of a credential; the secret comes from stdin or a prompt."""
     from .config import parse_duration
-    from .location import Location
 
     # "is not None": an empty --ttl is a mistake to refuse, not "never expires".
     ttl = parse_duration(args.ttl, "--ttl") if args.ttl is not None else None
@@ -238,7 +237,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     ahead = (parse_duration(args.refresh_ahead, "--refresh-ahead")
              if args.refresh_ahead is not None else None)
     secret = _read_secret(args)
-    existed = os.path.lexists(Location.resolve(args.home).database)
+    existed = _vault_exists(args.home)
     # The agent protocol does not carry a refresher (its spec is a secret of
     # its own): a set that attaches one opens the vault here.
     opener = _open if refresher is not None or ahead is not None else _credentials
@@ -340,6 +339,19 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vault_exists(home: Any) -> bool:
+    """Whether the vault exists where ``home``'s config puts it (PostgreSQL: asks the server)."""
+    from .config import load_config
+    from .engines import shared, vault_exists
+    from .location import Location
+
+    location = Location.resolve(home)
+    config = load_config(location.config_file, location.config_required)
+    if not shared(config):
+        return _exists(location.database)
+    return vault_exists(location, config)
+
+
 def _exists(path: Any) -> bool:
     """Whether ``path`` exists; an unreadable folder is a storage error naming it, not False."""
     try:
@@ -398,7 +410,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     problems = _trust_problems(location)
     if problems:
         return _report(problems)
-    if not _exists(location.database):
+    if not _vault_exists(args.home):
         if args.json:
             print(_json({"home": str(location.home), "exists": False}))
         else:
@@ -637,10 +649,12 @@ def cmd_agent_start(args: argparse.Namespace) -> int:
 
 
 def _vault_uses_passphrase(location: Any) -> bool:
+    from .config import load_config
+    from .engines import engine
     from .rootkey import KdfParams
-    from .storage import SQLiteStorage
 
-    storage = SQLiteStorage.open(location.database)
+    config = load_config(location.config_file, location.config_required)
+    storage = engine(config).open(location.database, config.synchronous, config.busy_timeout)
     try:
         return KdfParams.from_json(storage.vault().kdf).uses_passphrase
     finally:
@@ -946,7 +960,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import moving
-    from .location import Location
 
     kr = moving.current_backend() if args.from_current else moving.load_backend(args.source)
     name = args.source or moving._class_path(kr)
@@ -964,7 +977,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
             def progress(done: int, total: int) -> None:
                 bar.update(done - bar.n)
-    existed = os.path.lexists(Location.resolve(args.home).database)
+    existed = _vault_exists(args.home)
     try:
         # Like a first set, a first import makes a key-file vault (never a dry run).
         with _open(args, create=not args.dry_run) as store:
@@ -1030,6 +1043,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
           f"(mac {report.head_mac[:16]}...)")
     print(f"the copy is useless without the root key: keep {keep} apart from it, never in the "
           "same place or the same backup set")
+    return 0
+
+
+def cmd_migrate_storage(args: argparse.Namespace) -> int:
+    """Copy the vault into an empty PostgreSQL database or new SQLite file, verified."""
+    from .migrate import migrate_storage
+
+    with _open(args) as store:
+        report = migrate_storage(store, args.to)
+    if args.json:
+        sys.stdout.write(_json(report._asdict()) + "\n")
+        return 0
+    print(f"copied {report.rows:,} rows to {_one_line(report.target)} and verified them entry "
+          f"by entry: {report.credentials} credentials, {report.versions} versions, "
+          f"{report.audit_events} audit events (head event {report.head_seq}) intact")
+    if args.to.startswith("sqlite:"):
+        print("to use it: put it in place as a vault home's vault.db, and drop [storage] url "
+              "(and KEYRING_HARDENED_STORAGE_URL)")
+    else:
+        print("to use it: set [storage] url to it on every client; each client keeps the "
+              "root key (key file or passphrase) as before")
     return 0
 
 
@@ -1278,6 +1312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON report on stdout")
     p = add("backup", cmd_backup, "path")
     p.add_argument("--json", action="store_true", help="JSON output")
+    # A shared vault on PostgreSQL (issue 15, docs/teams.md).
+    p = add("migrate-storage", cmd_migrate_storage)
+    p.add_argument("--to", required=True, metavar="URL",
+                   help="an empty target: postgresql://USER@HOST/DB or sqlite:///ABSOLUTE/PATH "
+                        "(no password in it: PGPASSFILE or [storage] password_command)")
+    p.add_argument("--json", action="store_true", help="JSON output")
     p = add("restore", cmd_restore, "path")
     p.add_argument("--key-file", metavar="FILE",
                    help="the key file that opens the copy (default: the vault's)")
@@ -1290,6 +1330,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """Warnings to stderr as Python's last-resort handler would, but not notices twice.
+
+    A session's notices reach the logger and the session's list; the CLI
+    prints the list (``note:``), so the logger's copy is dropped here.
+    """
+    import logging
+
+    logger = logging.getLogger("keyring_hardened")
+    if any(getattr(h, "_kh_cli", False) for h in logger.handlers):
+        return
+    class Stderr(logging.Handler):
+        _kh_cli = True
+
+        def emit(self, record: logging.LogRecord) -> None:
+            # sys.stderr looked up now: it may have been replaced since.
+            sys.stderr.write(self.format(record) + "\n")
+
+    handler = Stderr(logging.WARNING)
+    handler.addFilter(lambda record: not getattr(record, "notice", False))
+    logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
@@ -1299,6 +1362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if not hasattr(args, "home"):
         args.home = None
+    _log_to_stderr()
     try:
         try:
             code = int(args.func(args))

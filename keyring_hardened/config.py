@@ -96,6 +96,43 @@ def _command(key: str, value: Any) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def check_url(url: str, in_config: bool = False) -> str | None:
+    """What is wrong with a storage URL, or None.
+
+    ``in_config``: the config file may be readable by others (it names
+    programs and paths, never a secret), so a password in it is refused.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        return "expected a postgresql:// URL (postgresql://USER@HOST/DATABASE?sslmode=verify-full)"
+    try:
+        parts = urlsplit(url)
+        has_password = bool(parts.password) or "password" in parse_qs(parts.query)
+    except ValueError:
+        return "not a valid URL"
+    if in_config and has_password:
+        return ("holds a password, and the config file may be read by others; use PGPASSFILE, "
+                "[storage] password_command or [storage] password_keyring")
+    return None
+
+
+def _storage_url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a postgresql:// URL, got {_type(value)}")
+    problem = check_url(value, in_config=True)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    return value
+
+
+def _keyring_service(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 1000:
+        raise ConfigError(f"{key}: expected the keyring service name that holds the "
+                          "database password")
+    return value
+
+
 def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {_type(value)}")
@@ -212,6 +249,10 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "storage": {
         "synchronous": _choice("normal", "full"),
         "busy_timeout": _busy_timeout,
+        # A shared vault on PostgreSQL (engines.py, docs/teams.md).
+        "url": _storage_url,
+        "password_command": _command,
+        "password_keyring": _keyring_service,
     },
     "kdf": {
         "algorithm": _choice("argon2id", "pbkdf2"),
@@ -270,6 +311,9 @@ class Config(NamedTuple):
     refresh_env: tuple[str, ...] = ()
     refresh_background: bool = False
     refresh_interval: float = 30.0
+    storage_url: str | None = None
+    storage_password_command: tuple[str, ...] | None = None
+    storage_password_keyring: str | None = None
 
     def new_kdf_params(self, algorithm: str | None = None) -> KdfParams:
         """Fresh passphrase KDF parameters (new salt) from these settings."""
@@ -329,6 +373,8 @@ def _validate(doc: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _attr(section: str, key: str) -> str:
+    if section == "storage" and key in ("url", "password_command", "password_keyring"):
+        return f"storage_{key}"
     if section == "kdf":
         return key if key.startswith(("argon2_", "pbkdf2_")) else f"kdf_{key}"
     if section in ("backend", "audit", "refresh"):

@@ -133,6 +133,8 @@ OPS: dict[str, Gate] = {
     "import": Gate("admin"),
     "backup": Gate("admin", when_sealed=True),
     "restore": Gate("admin", when_sealed=True),
+    # Copies ciphertext only, like backup (migrate.py).
+    "migrate-storage": Gate("admin", when_sealed=True),
     "seal": Gate("admin", when_sealed=True),  # says "already sealed"
     "unseal": Gate("admin", when_sealed=True),
     # Reading the state and the trail is what an operator does during an incident.

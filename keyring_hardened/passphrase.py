@@ -48,7 +48,7 @@ def from_environment(config: Config) -> str | None:
     if value:
         return value
     if config.passphrase_command:
-        return _run_command(config.passphrase_command)
+        return run_command(config.passphrase_command)
     return None
 
 
@@ -85,8 +85,8 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
                                   "bytes without a newline")
 
 
-def _run_command(argv: tuple[str, ...]) -> str:
-    """Run ``passphrase_command`` and return its first line: the passphrase.
+def run_command(argv: tuple[str, ...], label: str = "passphrase_command") -> str:
+    """Run ``passphrase_command`` (or another helper, named ``label``): its first line.
 
     No shell, a scrubbed environment, its own session (a timeout kills the
     whole group), a bounded wait and a capped answer; its stderr is never
@@ -103,20 +103,20 @@ def _run_command(argv: tuple[str, ...]) -> str:
                                 stderr=subprocess.DEVNULL, env=_helper_env(),
                                 start_new_session=True, close_fds=True)
     except FileNotFoundError:
-        raise LockedError(f"passphrase_command: program {argv[0]!r} not found") from None
+        raise LockedError(f"{label}: program {argv[0]!r} not found") from None
     except OSError as exc:
-        raise LockedError(f"passphrase_command: cannot run {argv[0]!r}: {exc.strerror}") from None
+        raise LockedError(f"{label}: cannot run {argv[0]!r}: {exc.strerror}") from None
     deadline = time.monotonic() + _COMMAND_TIMEOUT
     if proc.stdout is None:  # pragma: no cover - stdout=PIPE above
-        raise LockedError("passphrase_command: no output pipe")
+        raise LockedError(f"{label}: no output pipe")
     try:
         line = _read_line(proc.stdout.fileno(), deadline)
         if line is None:
-            raise LockedError(f"passphrase_command: no answer within {_COMMAND_TIMEOUT:.0f}s")
+            raise LockedError(f"{label}: no answer within {_COMMAND_TIMEOUT:.0f}s")
         try:
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise LockedError(f"passphrase_command: did not exit within "
+            raise LockedError(f"{label}: did not exit within "
                               f"{_COMMAND_TIMEOUT:.0f}s") from None
     except BaseException:
         _kill_group(proc.pid)
@@ -125,14 +125,15 @@ def _run_command(argv: tuple[str, ...]) -> str:
     finally:
         proc.stdout.close()
     if code != 0:
-        raise LockedError(f"passphrase_command: {argv[0]!r} exited with status {code}")
+        raise LockedError(f"{label}: {argv[0]!r} exited with status {code}")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise LockedError("passphrase_command: output is not UTF-8 text") from None
+        raise LockedError(f"{label}: output is not UTF-8 text") from None
     text = text.removesuffix("\r")
     if not text:
-        raise LockedError("passphrase_command: printed an empty passphrase")
+        raise LockedError(f"{label}: printed an empty "
+                          f"{'passphrase' if label == 'passphrase_command' else 'password'}")
     return text
 
 

@@ -127,7 +127,10 @@ class Storage(Protocol):
 
     #: Where the vault lives, for messages (a file path; an engine on a
     #: server names its host there, never its password).
-    path: Path
+    where: str
+    #: Whether deleted rows leave the disk when :meth:`checkpoint` succeeds
+    #: (SQLite); False where the engine keeps them until its own cleanup.
+    erases: bool
 
     # -- the connection and its transactions ----------------------------------
 
@@ -151,6 +154,9 @@ class Storage(Protocol):
 
     def checkpoint(self) -> bool:
         """Make committed writes durable in the main store; False if a reader blocked it."""
+
+    def residue(self, what: str) -> str:
+        """A sentence for the user: what of deleted rows stays on disk after ``what``."""
 
     def schema(self) -> list[str]:
         """Names of the applied migrations."""
@@ -370,6 +376,9 @@ class Storage(Protocol):
                      key_version: int) -> None:
         """Make this vault's rows those of ``source`` in one transaction; keep the old ones."""
 
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of one of the vault's tables (``schema.TABLE_COLUMNS``), in key order."""
+
 
 class Engine(Protocol):
     """How a storage engine opens and creates vaults (its class, as a factory)."""
@@ -388,6 +397,12 @@ class Engine(Protocol):
     def create(self, path: Path, vault: VaultRecord, kek: KekRecord, event: Event,
                nodes: Mapping[tuple[int, int], bytes]) -> bool:
         """Create a complete vault atomically, with its first (init) event.
+
+        Returns False, changing nothing, when a vault already exists there.
+        """
+
+    def create_from(self, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
+        """Create a vault holding exactly ``rows`` by table (migrate-storage), atomically.
 
         Returns False, changing nothing, when a vault already exists there.
         """

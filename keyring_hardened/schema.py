@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from .errors import UsageError
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "apply_migrations"]
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "TABLE_COLUMNS", "TABLE_KEYS", "Migration",
+           "apply_migrations"]
 
 #: A named migration: its name, and the statements it runs, in order.
 Migration = tuple[str, tuple[str, ...]]
@@ -186,6 +187,36 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
     )),
 )
+
+#: The rows that make a vault, by table, in the same column order in every
+#: engine: what ``migrate-storage`` copies and compares, entry by entry. Left
+#: out: ``schema_migrations`` (each engine records its own), and the rows
+#: that only describe work running now (``unlock_attempts``,
+#: ``refresh_leases``), which belong to the processes of the source.
+#: Each table's first column (two for versions and nodes) is its key: rows
+#: are copied and compared in that order.
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "vault": ("id", "vault_id", "created_at", "kdf", "verifier", "vault_key", "generation",
+              "state_version"),
+    "keks": ("version", "state", "created_at", "wrapped", "wrap_count"),
+    "credentials": ("id", "service", "username", "current_version", "last_version",
+                    "created_at", "updated_at", "mac", "expires_at", "bucket",
+                    "versions_digest", "refresh"),
+    "secret_versions": ("credential_id", "version", "kek_version", "wrapped_key", "ciphertext",
+                        "created_at", "ttl", "expires_at", "digest"),
+    "audit_events": ("seq", "ts_us", "actor", "op", "service", "username", "outcome",
+                     "key_version", "reason", "mac", "epoch", "root"),
+    "audit_anchor": ("id", "seq", "mac"),
+    "audit_pending": ("id", "ts_us", "actor", "op", "outcome", "reason"),
+    "state_nodes": ("level", "idx", "hashes"),
+    "vault_keys": ("epoch", "wrapped"),
+    "rate_buckets": ("rule", "actor", "tokens", "updated"),
+    "seal": ("id", "sealed_at", "actor"),
+    "unlock_throttle": ("id", "failures", "last_at"),
+}
+
+#: How many leading columns of each table form its key (the copy's order).
+TABLE_KEYS: dict[str, int] = {"secret_versions": 2, "state_nodes": 2, "rate_buckets": 2}
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     name TEXT PRIMARY KEY,

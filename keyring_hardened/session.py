@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from . import audit, envelope, gate, state
 from ._seams import crash_point
 from .config import Config, load_config
-from .engines import engine
+from .engines import engine, file_engine, vault_exists
 from .envelope import DecryptFailed, Kek, Place, Sealed
 from .errors import (
     ConfigError,
@@ -116,6 +116,11 @@ def _sinks(specs: tuple[str, ...]) -> Sinks | _NoSinks:
 def _label(service: str, username: str) -> str:
     # repr() keeps the message on one line whatever the names hold.
     return f"service {service!r}, user {username!r}"
+
+
+def _transient(exc: HardenedError) -> bool:
+    """A shared engine's failure worth running the operation again for (see _run_transient)."""
+    return isinstance(exc, StorageError) and exc.reason == "transient"
 
 
 def _tampered(what: str, reason: str) -> IntegrityError:
@@ -407,7 +412,7 @@ class Session:
         """
         mine: list[str] | None = getattr(self._acting, "notices", None)
         (mine if mine is not None else self.notices).append(message)
-        log.warning("%s", message)
+        log.warning("%s", message, extra={"notice": True})
 
     # -- opening ----------------------------------------------------------
 
@@ -432,7 +437,7 @@ class Session:
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
         try:
-            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine(cfg).open(location.database, cfg.synchronous, cfg.busy_timeout)
         except VaultMissingError:
             if not create:
                 raise
@@ -441,7 +446,7 @@ class Session:
             if made is not None:
                 return made
             # Another process created it first: use theirs.
-            storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
+            storage = engine(cfg).open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             notice = None
             if location.home.joinpath(REKEY_JOURNAL).exists():
@@ -527,7 +532,7 @@ class Session:
                                                             location.config_required)
         who = validate_actor(actor) if actor is not None else default_actor()
         try:
-            exists = location.database.exists()
+            exists = vault_exists(location, cfg)
         except OSError as exc:  # an unreadable home: name it, never a raw OSError
             raise StorageError(f"vault home {location.home} cannot be read: {exc.strerror}"
                                ) from None
@@ -584,14 +589,14 @@ class Session:
                                 1, state.root_of(meta, state.EMPTY_NODE))
             event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
             vkeys.close()
-            if not engine().create(location.database, record, kek_record, event,
+            if not engine(cfg).create(location.database, record, kek_record, event,
                                    {state.META_KEY: meta}):
                 root.close()
                 return None
         finally:
             kek.wipe()
         crash_point("create-after-link")
-        storage = engine().open(location.database, cfg.synchronous, cfg.busy_timeout)
+        storage = engine(cfg).open(location.database, cfg.synchronous, cfg.busy_timeout)
         try:
             store = cls._ready(location, cfg, storage, storage.vault(), root, clock, actor)
         except BaseException:
@@ -971,7 +976,7 @@ class Session:
             if os.getpid() != self._pid:
                 # After fork the inherited connection belongs to the parent:
                 # leave it untouched and open our own.
-                self._storage = engine().open(self.location.database,
+                self._storage = engine(self.config).open(self.location.database,
                                               self.config.synchronous,
                                               self.config.busy_timeout)
                 self._pid = os.getpid()
@@ -1017,13 +1022,37 @@ class Session:
         new key file (see :meth:`_reunlock`); passphrase mode fails (exit 6).
         """
         try:
-            return self._run_once(op, service, username, body, writes=writes, finish=finish,
-                                  admitted=admitted)
+            return self._run_transient(op, service, username, body, writes=writes,
+                                       finish=finish, admitted=admitted)
         except LockedError as exc:
             if exc.reason != "root-replaced" or not self._reunlock():
                 raise
-        return self._run_once(op, service, username, body, writes=writes, finish=finish,
-                              admitted=admitted)
+        return self._run_transient(op, service, username, body, writes=writes, finish=finish,
+                                   admitted=admitted)
+
+    def _run_transient(self, op: str, service: str | None, username: str | None,
+                       body: Body[T], *, writes: bool = False,
+                       finish: Body[audit.Event] | None = None, admitted: bool = False) -> T:
+        """Run :meth:`_run_once`, again after a transient engine failure, within the busy timeout.
+
+        A shared engine (PostgreSQL) reports a serialization failure, a
+        deadlock report or a dropped connection as ``transient``: the
+        transaction was rolled back, so running the whole operation again
+        (body, checks and event) is safe. A failure that persists past the
+        busy timeout is raised (exit 8, naming the host). SQLite never
+        reports one.
+        """
+        deadline = time.monotonic() + self.config.busy_timeout
+        delay = 0.02
+        while True:
+            try:
+                return self._run_once(op, service, username, body, writes=writes,
+                                      finish=finish, admitted=admitted)
+            except StorageError as exc:
+                if exc.reason != "transient" or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _reunlock(self) -> bool:
         """Take the new keys after another process's rekey; False in passphrase mode.
@@ -1084,6 +1113,8 @@ class Session:
                         # buckets commit with the event, granted or not.
                         gate.admit(self, storage, tx, op, service, limited=not admitted)
                     except HardenedError as exc:
+                        if _transient(exc):
+                            raise  # rolled back; _run_transient runs it all again
                         failure = exc
                     if failure is None and writes:
                         storage.savepoint()
@@ -1091,6 +1122,8 @@ class Session:
                         if failure is None:
                             result = body(storage, note)
                     except HardenedError as exc:
+                        if _transient(exc):
+                            raise  # the transaction is gone: nothing to audit in it
                         if writes:
                             storage.rollback_savepoint()
                         tx.forget()
@@ -1106,6 +1139,8 @@ class Session:
                             event = self._append(storage, op, service, username, failure,
                                                  note.key_version, note.reason)
                     except HardenedError as exc:
+                        if _transient(exc):
+                            raise
                         raise StorageError(f"the audit trail could not be written ({exc}); "
                                            f"the {op} was not performed",
                                            "audit-write") from None
@@ -1419,15 +1454,15 @@ class Session:
         older snapshot prevents. The operation stands either way; the user is
         told what remains on disk.
         """
-        for delay in (0.0, 0.05, 0.1, 0.2, 0.4):  # about a second in all
+        with self._guard() as storage:
+            erases = storage.erases
+        for delay in (0.0, 0.05, 0.1, 0.2, 0.4) if erases else ():  # about a second in all
             time.sleep(delay)
             with self._guard() as storage:
                 if storage.checkpoint():
                     return
-        self.notice(f"the {what} is done, but another process reading the vault kept the "
-                    f"deleted data's old pages in {self.location.database}-wal (and "
-                    f"{self.location.database}); they are overwritten at the next checkpoint "
-                    "after that process finishes its read (any later purge makes one)")
+        with self._guard() as storage:
+            self.notice(storage.residue(what))
 
     def close(self) -> None:
         """Wipe key material (best effort) and close the database."""
@@ -1463,7 +1498,7 @@ class Session:
     def _open_copy(cls, location: Location, config: Config, database: Path, *,
                    root: RootKey | None = None, passphrase: str | None = None,
                    prompt: PassphraseProvider | None = None, clock: Clock = time.time,
-                   actor: str | None = None) -> Self:
+                   actor: str | None = None, storage: Storage | None = None) -> Self:
         """Open a private copy of a vault (a backup) and check its newest event and keys.
 
         Nothing is written to the copy here: no failed unlock is chained and
@@ -1472,9 +1507,12 @@ class Session:
         wiped here) or else the vault's usual sources (``location``'s key
         file, or the passphrase) must open it: a copy is useless without
         the root key, and a copy that another key opens is not this vault's.
+        ``storage``: the copy already opened (migrate-storage's target, in
+        any engine); closed with the returned session.
         """
         who = validate_actor(actor) if actor is not None else default_actor()
-        storage = engine().open_copy(database, config.synchronous, config.busy_timeout)
+        if storage is None:
+            storage = file_engine().open_copy(database, config.synchronous, config.busy_timeout)
         try:
             vault = storage.vault()
             if vault.state_version != 1:

@@ -37,7 +37,16 @@ from ._seams import crash_point
 from .audit import Event
 from .errors import HardenedError, IntegrityError, StorageError, UsageError
 from .port import BucketRow, HeadRow, KekRecord, VaultMissingError, VaultRecord, VersionRow
-from .schema import APPLICATION_ID, MIGRATIONS, apply_migrations
+from .rowtypes import (
+    _BUCKET_TYPES,
+    _EVENT_TYPES,
+    _HEAD_TYPES,
+    _KEK_TYPES,
+    _VAULT_TYPES,
+    _VERSION_TYPES,
+    _typed,
+)
+from .schema import APPLICATION_ID, MIGRATIONS, TABLE_COLUMNS, TABLE_KEYS, apply_migrations
 
 __all__ = [
     "APPLICATION_ID",
@@ -50,32 +59,6 @@ __all__ = [
     "VaultRecord",
     "VersionRow",
 ]
-
-_N = type(None)
-_VAULT_TYPES = (bytes, float, str, bytes, bytes, int, int)
-_KEK_TYPES = (int, str, float, (bytes, _N), int)
-_HEAD_TYPES = (int, str, str, (int, _N), int, float, float, bytes, (float, int, _N), (bytes, _N),
-               (bytes, _N))
-_VERSION_TYPES = (int, int, bytes, bytes, float, (float, int, _N), (float, int, _N), (bytes, _N))
-_REWRAP_TYPES = (int, str, str, int, int, bytes)
-_BUCKET_TYPES = (str, str, (float, int), (float, int))
-_EVENT_TYPES = (int, int, str, str, (str, _N), (str, _N), str, (int, _N), (str, _N), bytes,
-                (int, _N), (bytes, _N))
-
-
-def _typed(row: tuple[Any, ...] | Any, types: tuple[Any, ...], what: str) -> tuple[Any, ...]:
-    """Check each column's Python type: SQLite lets a tampered row hold any type."""
-    if all(map(isinstance, row, types)):  # the common case, checked at C speed
-        return tuple(row)
-    for value, expected in zip(row, types, strict=True):
-        # bool is never stored; exact int checks keep True/False out anyway.
-        if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
-            if expected is float and type(value) is int:
-                continue  # SQLite returns whole REAL values as int after some edits
-            raise IntegrityError(f"stored {what} holds a value of the wrong type (tampered?)",
-                                 "column-type")
-    return tuple(row)
-
 
 def _translate(exc: sqlite3.Error, path: Path) -> HardenedError:
     """Map a sqlite3 error to the error class a caller can act on."""
@@ -156,8 +139,12 @@ def _check_companions(path: Path) -> None:
 class SQLiteStorage:
     """One connection to a vault database."""
 
+    #: Deleted rows leave the disk: freed pages are zeroed and a checkpoint truncates the WAL.
+    erases = True
+
     def __init__(self, path: Path, conn: sqlite3.Connection, busy_timeout: float = 10.0) -> None:
         self.path = path
+        self.where = str(path)
         self._conn = conn
         self._busy_ms = int(busy_timeout * 1000)
 
@@ -282,6 +269,63 @@ class SQLiteStorage:
             for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
                 with contextlib.suppress(OSError):
                     os.unlink(leftover)
+
+    @classmethod
+    def create_from(cls, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
+        """Create a vault at ``path`` holding exactly ``rows`` (migrate-storage), atomically.
+
+        Built under a temporary name and linked into place like
+        :meth:`create`; returns False, changing nothing, when ``path`` exists.
+        """
+        if os.path.lexists(path):
+            return False
+        tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute("BEGIN IMMEDIATE")
+                _apply_migrations(conn)
+                for table, columns in TABLE_COLUMNS.items():
+                    # Names from the constant map above, never from input.
+                    conn.execute(f"DELETE FROM {table}")  # noqa: S608 - the anchor's default row
+                    conn.executemany(
+                        f"INSERT INTO {table} ({', '.join(columns)}) VALUES"  # noqa: S608
+                        f" ({', '.join('?' * len(columns))})", rows.get(table, []))
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            fsync_file(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            fsync_dir(path.parent)
+            return True
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        except OSError as exc:
+            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+
+    def export_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of one of the vault's tables (``schema.TABLE_COLUMNS``), in key order."""
+        columns = TABLE_COLUMNS[table]
+        keys = columns[:TABLE_KEYS.get(table, 1)]
+        return [tuple(r) for r in self._rows(
+            f"SELECT {', '.join(columns)} FROM {table} ORDER BY {', '.join(keys)}")]  # noqa: S608
 
     def close(self) -> None:
         """Close the connection."""
@@ -858,6 +902,13 @@ class SQLiteStorage:
         finally:
             self._rows(f"PRAGMA busy_timeout = {self._busy_ms:d}")
         return int(busy) == 0
+
+    def residue(self, what: str) -> str:
+        """What stays on disk when :meth:`checkpoint` was blocked (told to the user)."""
+        return (f"the {what} is done, but another process reading the vault kept the "
+                f"deleted data's old pages in {self.path}-wal (and {self.path}); they are "
+                "overwritten at the next checkpoint after that process finishes its read "
+                "(any later purge makes one)")
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from . import gate
 from . import refresh as refreshing
 from .access import OPERATIONS, AccessConfig, Bucket, limits_for, tokens_now
+from .engines import describe
 from .errors import ExpiredError, IntegrityError, LockedError, NotFoundError, UsageError
 from .humantime import utc as _utc
 from .location import validate_actor
@@ -727,7 +728,7 @@ class Store(Session):
         found = self._run("status", None, None, body)
         return {
             "home": str(self.location.home),
-            "database": str(self.location.database),
+            "database": describe(self.location, self.config),
             "mode": self.mode,
             "key_file": None if self._kdf.uses_passphrase else str(self.location.key_file),
             "kdf": self._kdf.describe(),
@@ -777,7 +778,7 @@ class Store(Session):
 
     def _warnings(self) -> list[str]:
         found = []
-        for path in (self.location.home, self.location.database):
+        for path in (self.location.home, self.location.database):  # PostgreSQL: no file
             try:
                 mode = path.stat().st_mode & 0o777
             except OSError:

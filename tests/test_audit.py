@@ -239,6 +239,7 @@ def test_export_verifies_offline_and_detects_edits(chain: Path, tmp_path: Path) 
     assert _verify(chain, "--file", str(tmp_path / "none")).returncode == 2
 
 
+@pytest.mark.sqlite_only("two vaults in one test; a PostgreSQL run has one database")
 def test_export_of_another_vault_is_refused(chain: Path, tmp_path: Path) -> None:
     out = tmp_path / "export.jsonl"
     run_cli("audit", "export", str(out), home=chain)

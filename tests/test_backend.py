@@ -102,6 +102,8 @@ def test_security_settings_not_overridable_by_properties(
         HardenedKeyring()
 
 
+@pytest.mark.sqlite_only("a configured shared vault ranks as configured before it exists: "
+                         "priority never connects (docs/teams.md)")
 def test_priority(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYRING_HARDENED_HOME", str(home))
     assert HardenedKeyring.priority < 1

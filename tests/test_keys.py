@@ -148,8 +148,8 @@ def test_rekey_passphrase_and_switches(home: Path, tmp_path: Path) -> None:
         assert "argon2id" in s.status()["kdf"]
         s.keys.rekey(to="key file")
     assert (home / "master.key").exists()
-    with pytest.raises(UsageError, match="at least 8"):
-        Store.open(home).keys.rekey(to="passphrase", passphrase="short")
+    with Store.open(home) as s, pytest.raises(UsageError, match="at least 8"):
+        s.keys.rekey(to="passphrase", passphrase="short")
     with Store.open(home, config=FAST_KDF) as s:
         s.keys.rekey(to="passphrase", passphrase="third passphrase", kdf="pbkdf2")
         assert "pbkdf2" in s.status()["kdf"]

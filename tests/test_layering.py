@@ -11,7 +11,7 @@ from pathlib import Path
 import keyring_hardened
 
 PACKAGE = Path(keyring_hardened.__file__).parent
-ADAPTERS = {"backend.py", "cli.py", "__main__.py", "moving.py"}
+ADAPTERS = {"backend.py", "cli.py", "__main__.py", "moving.py", "pgpassword.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -141,23 +141,33 @@ def _package_imports(path: Path) -> dict[str, bool]:
 
 
 def test_the_core_reaches_storage_through_the_port() -> None:
-    # The core types against port.Storage; the SQLite engine is named in one
-    # place, engines.py, and loaded there only when a vault is opened. cli.py
-    # is an adapter that reads the vault record before any unlock.
-    users = {p.name for p in PACKAGE.glob("*.py") if "storage" in _package_imports(p)}
-    assert users == {"engines.py", "cli.py"}
-    assert _package_imports(PACKAGE / "engines.py") == {"port": True, "storage": False}
+    # The core types against port.Storage; the engines (SQLite, PostgreSQL)
+    # are named in one place, engines.py, and loaded there only when a vault
+    # is opened with them.
+    for engine in ("storage", "pgstorage"):
+        users = {p.name for p in PACKAGE.glob("*.py") if engine in _package_imports(p)}
+        assert users == {"engines.py"}, engine
+        assert _package_imports(PACKAGE / "engines.py")[engine] is False
     for path in PACKAGE.glob("*.py"):
         assert "SQLiteStorage" not in path.read_text("utf-8") or path.name in {
-            "storage.py", "engines.py", "cli.py"}, path.name
+            "storage.py", "engines.py"}, path.name
+        assert "PostgresStorage" not in path.read_text("utf-8") or path.name in {
+            "pgstorage.py"}, path.name
 
 
 def test_the_schema_is_apart_from_row_access() -> None:
-    # Tables and migrations live in schema.py; storage.py reads and writes rows.
+    # Tables and migrations live in schema.py (SQLite) and pgschema.py
+    # (PostgreSQL); storage.py and pgstorage.py read and write rows.
     ddl = {p.name for p in PACKAGE.glob("*.py")
            if any(word in p.read_text("utf-8") for word in ("CREATE TABLE", "ALTER TABLE"))}
-    assert ddl == {"schema.py"}
+    assert ddl == {"schema.py", "pgschema.py"}
     assert "sqlite3" not in _imports(PACKAGE / "schema.py")
+    assert "psycopg" not in _imports(PACKAGE / "pgschema.py")
+
+
+def test_only_pgstorage_imports_the_postgresql_driver() -> None:
+    users = {p.name for p in PACKAGE.glob("*.py") if "psycopg" in _imports(p)}
+    assert users == {"pgstorage.py"}
 
 
 def _import_graph() -> dict[str, set[str]]:

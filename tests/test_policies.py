@@ -721,6 +721,7 @@ def test_not_found_still_costs_a_token(seeded: Path) -> None:
             s.get("ci/app", "c")
 
 
+@pytest.mark.sqlite_only("vaults made by 0.1 are SQLite files; a PostgreSQL vault is never one")
 def test_upgrade_of_a_0_1_vault_needs_admin(tmp_path: Path) -> None:
     from .test_state import _legacy
 

@@ -1,0 +1,408 @@
+"""A shared vault on PostgreSQL, driven as teams use it: many hosts at once, a server
+restart, the canary, the database password, TLS (docs/teams.md).
+
+Each "host" is a process with a vault home of its own (its own copy of the key
+file, its own config) and the same ``KEYRING_HARDENED_STORAGE_URL``, as the
+Ansible control nodes and CI runners of a team would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyring_hardened.store import Store
+
+from .conftest import CANARY, run_cli
+from .pgcluster import Cluster, PgServer, dbname_of
+from .test_refresh import counting, runs
+
+pytestmark = pytest.mark.slow
+
+URL = "KEYRING_HARDENED_STORAGE_URL"
+
+
+@pytest.fixture
+def shared(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """This process uses the fresh database: the vault's rows live there."""
+    monkeypatch.setenv(URL, pg_url)
+    return pg_url
+
+
+def _host(tmp_path: Path, first: Path, i: int, config: str = "") -> Path:
+    """Another host's home: its own folder, a copy of the root key, its own config."""
+    home = tmp_path / f"host{i}"
+    if home != first:
+        home.mkdir(mode=0o700)
+        shutil.copy2(first / "master.key", home / "master.key")
+        (home / "master.key").chmod(0o600)
+    if config:
+        (home / "config.toml").write_text(config)
+        (home / "config.toml").chmod(0o600)
+    return home
+
+
+def _start(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+
+
+def _together(procs: list[subprocess.Popen[str]], timeout: float = 300
+              ) -> list[tuple[int, str, str]]:
+    """Start every process's work at once (they imported and opened ahead), and wait."""
+    for p in procs:
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline()
+        assert line == "ready\n", (line, p.stderr.read() if p.stderr else "")
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return [(p.wait(timeout=timeout), *p.communicate(timeout=timeout)) for p in procs]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from keyring_hardened.store import Store
+    home, i, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with Store.open(home, actor=f"host{i}") as s:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        bad = 0
+        for j in range(n):
+            s.set(f"host{i}", f"u{j}", f"v{i}-{j}")
+            bad += s.get(f"host{i}", f"u{j}").reveal() != f"v{i}-{j}"
+            bad += s.get("team/db", "app").reveal() != "shared"
+    print(bad)
+""")
+
+
+def test_eight_hosts_write_and_read_at_once(shared: str, tmp_path: Path) -> None:
+    first = tmp_path / "host0"
+    with Store.init(first, actor="admin") as s:
+        s.set("team/db", "app", "shared")
+    homes = [_host(tmp_path, first, i) for i in range(8)]
+    n = 15
+    done = _together([_start(WRITER, str(h), str(i), str(n)) for i, h in enumerate(homes)])
+    assert [(code, out.strip()) for code, out, _ in done] == [(0, "0")] * 8, done
+    with Store.open(homes[3]) as s:
+        # Nothing lost: every host's every write, from any host.
+        for i in range(8):
+            for j in range(n):
+                assert s.get(f"host{i}", f"u{j}").reveal() == f"v{i}-{j}"
+        result = s.trail.verify()
+        assert result.ok, result.problem
+        # One chain: init, the team's set, and three events per round of each host.
+        assert result.verified >= 2 + 8 * n * 3
+        mine = [e for e in s.trail.show(limit=10_000) if e.actor.startswith("host")]
+        assert len(mine) == 8 * n * 3
+        assert sorted(e.seq for e in mine) == sorted({e.seq for e in mine})
+
+
+READER = textwrap.dedent("""
+    import sys
+    from keyring_hardened import cli
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()
+    codes = [cli.main(["--home", sys.argv[1], "get", "team/db", "app"]) for _ in range(4)]
+    print(",".join(map(str, codes)))
+""")
+
+
+def test_rate_limits_hold_across_hosts(shared: str, tmp_path: Path) -> None:
+    first = tmp_path / "host0"
+    with Store.init(first, actor="admin") as s:
+        s.set("team/db", "app", "shared")
+    # Ten reads in all for actor "ci", refilled at one an hour: whichever
+    # host asks, the same bucket (a row in the shared database) answers.
+    limit = ('[[rate_limits]]\nactors = ["ci"]\nservices = ["*"]\noperations = ["read"]\n'
+             'limit = 1\nper = "1h"\nburst = 10\n')
+    homes = [_host(tmp_path, first, i, limit) for i in range(8)]
+    done = _together([_start(READER, str(h), env={"KEYRING_HARDENED_ACTOR": "ci"})
+                      for h in homes])
+    codes = [int(c) for code, out, _ in done for c in out.split("\n")[-2].split(",")]
+    assert all(code == 0 for code, _, _ in done), done
+    assert sorted(set(codes)) == [0, 5]
+    assert codes.count(0) == 10, codes  # 32 asked, 10 granted, across 8 hosts
+    with Store.open(first) as s:
+        events = [e for e in s.trail.show(limit=1000) if e.actor == "ci"]
+    assert sorted(e.outcome for e in events) == sorted(
+        ["ok"] * 10 + ["rate-limited"] * 22)
+
+
+GETTER = textwrap.dedent("""
+    import sys
+    from keyring_hardened.store import Store
+    with Store.open(sys.argv[1]) as s:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print(s.get("team/token", "ci").reveal())
+""")
+
+
+def test_one_refresher_run_for_eight_hosts(shared: str, tmp_path: Path) -> None:
+    first = tmp_path / "host0"
+    clock_start = time.time()
+    with Store.init(first, actor="admin") as s:
+        s.set("team/token", "ci", "old", ttl=1.0,
+              refresher=counting(tmp_path, "fresh", sleep=0.5))
+    homes = [_host(tmp_path, first, i) for i in range(8)]
+    procs = [_start(GETTER, str(h)) for h in homes]
+    time.sleep(max(0.0, clock_start + 1.2 - time.time()))  # expired for every host
+    done = _together(procs)
+    assert [(code, out.strip()) for code, out, _ in done] == [(0, "fresh-1")] * 8, done
+    assert runs(tmp_path) == 1  # the lease, a row in the shared database, held
+
+
+RESTART_WRITER = textwrap.dedent("""
+    import json, sys, time
+        from keyring_hardened.store import Store
+    home, i, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    acked, failed = [], []
+    with Store.open(home, actor=f"host{i}") as s:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        end, j = time.time() + seconds, 0
+        while time.time() < end:
+            j += 1
+            try:
+                s.set(f"host{i}", "u", f"v{j}")
+                acked.append(j)
+            except StorageError as exc:
+                failed.append(str(exc))
+    print(json.dumps({"acked": acked, "failed": failed}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_a_server_restart_among_writers_loses_nothing_acknowledged(
+        shared: str, pg_managed_cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    first = tmp_path / "host0"
+    Store.init(first).close()
+    homes = [_host(tmp_path, first, i) for i in range(4)]
+    procs = [_start(RESTART_WRITER, str(h), str(i), "6") for i, h in enumerate(homes)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    time.sleep(1.5)
+    pg_managed_cluster.restart(mode)  # in the middle of their writes
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    with Store.open(first) as s:
+        for i, result in enumerate(results):
+            assert result["acked"], result  # each wrote before and after the restart
+            # Every acknowledged write is there: the last one is current, and
+            # the versions kept are the newest ones acknowledged (or later).
+            assert s.get(f"host{i}", "u").reveal() == f"v{result['acked'][-1]}"
+            kept = [s.get(f"host{i}", "u", version=v.version).reveal()
+                    for v in s.history(f"host{i}", "u")]
+            assert kept[-1] == f"v{result['acked'][-1]}"
+            for message in result["failed"]:
+                # A failure that outlasted the retries names the server, not a password.
+                assert "PostgreSQL vault at postgresql://" in message, message
+        result = s.trail.verify()
+        assert result.ok, result.problem
+
+
+def test_the_canary_is_in_no_table_and_not_in_the_server_log(
+        shared: str, pg_managed_cluster: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "host0"
+    assert run_cli("init", home=home).returncode == 0
+    assert run_cli("set", "db.example.com", "app", stdin=CANARY, home=home).returncode == 0
+    got = run_cli("get", "db.example.com", "app", home=home)
+    assert got.stdout.strip() == CANARY
+    assert run_cli("set", "db.example.com", "app", stdin="other", home=home).returncode == 0
+    assert run_cli("rollback", "db.example.com", "app", home=home).returncode == 0
+    with Store.open(home) as s:
+        s.set("svc", "ttl", CANARY, ttl=3600.0)
+        assert s.history("db.example.com", "app")
+        assert s.trail.verify().ok
+    dump = pg_managed_cluster.all_tables_dump(dbname_of(shared))
+    assert dump  # the dump holds the vault's rows: ciphertexts, never the secret
+    for form in (CANARY.encode(), CANARY.encode().hex().encode(), CANARY.encode("utf-16-le")):
+        assert form not in dump
+    log = pg_managed_cluster.log_text()
+    assert "INSERT INTO secret_versions" in log  # the log does record every statement
+    assert CANARY not in log
+    assert CANARY.encode().hex() not in log
+
+
+def test_status_names_the_server_never_the_password(pg_cluster: PgServer, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "pw-" + CANARY
+    pg_cluster.create_role("kh_pw_status", secret)
+    url = pg_cluster.new_database(owner="kh_pw_status")
+    tcp = pg_cluster.tcp_url(dbname_of(url), "kh_pw_status", secret)
+    monkeypatch.setenv(URL, tcp)
+    home = tmp_path / "host0"
+    assert run_cli("init", home=home).returncode == 0
+    status = run_cli("status", "--json", home=home)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["database"].startswith("postgresql://kh_pw_status@127.0.0.1:")
+    assert secret not in status.stdout + status.stderr
+    # A wrong password: exit 8 naming the server, and neither password shown.
+    wrong = pg_cluster.tcp_url(dbname_of(url), "kh_pw_status", "wrong-" + CANARY)
+    done = run_cli("get", "a", "b", home=home, env={URL: wrong})
+    assert done.returncode == 8
+    assert "PostgreSQL vault at postgresql://kh_pw_status@127.0.0.1:" in done.stderr
+    assert CANARY not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    # A server that is not there: exit 8 naming it, after the bounded retries.
+    gone = tcp.replace(tcp.split("@")[1].split("/")[0], "127.0.0.1:1")
+    (home / "config.toml").write_text("[storage]\nbusy_timeout = 1\n")
+    (home / "config.toml").chmod(0o600)
+    done = run_cli("get", "a", "b", home=home, env={URL: gone})
+    assert done.returncode == 8
+    assert "127.0.0.1:1" in done.stderr and CANARY not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def pw_database(pg_cluster: PgServer) -> Iterator[tuple[str, str]]:
+    """A database owned by a role that needs its password: (URL without it, password)."""
+    password = "pg-secret-" + os.urandom(6).hex()
+    role = "kh_pw_" + os.urandom(4).hex()
+    pg_cluster.create_role(role, password)
+    url = pg_cluster.new_database(owner=role)
+    yield pg_cluster.tcp_url(dbname_of(url), role, None), password
+
+
+def test_the_password_from_pgpassfile(pw_database: tuple[str, str], tmp_path: Path) -> None:
+    url, password = pw_database
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:*:{password}\n")
+    passfile.chmod(0o600)
+    home = tmp_path / "host0"
+    env = {URL: url, "PGPASSFILE": str(passfile)}
+    assert run_cli("init", home=home, env=env).returncode == 0
+    assert run_cli("set", "s", "u", stdin="v", home=home, env=env).returncode == 0
+    assert run_cli("get", "s", "u", home=home, env=env).stdout == "v\n"
+    without = run_cli("get", "s", "u", home=home, env={URL: url, "PGPASSFILE": "/nonexistent"})
+    assert without.returncode == 8
+    assert password not in without.stderr
+
+
+def test_the_password_from_a_command(pw_database: tuple[str, str], tmp_path: Path) -> None:
+    url, password = pw_database
+    helper = tmp_path / "pw.sh"
+    helper.write_text(f"#!/bin/sh\necho '{password}'\n")
+    helper.chmod(0o700)
+    home = tmp_path / "host0"
+    home.mkdir(mode=0o700)
+    config = home / "config.toml"
+    config.write_text(f'[storage]\nurl = "{url}"\npassword_command = ["{helper}"]\n')
+    config.chmod(0o600)
+    assert run_cli("init", home=home).returncode == 0
+    assert run_cli("set", "s", "u", stdin="v", home=home).returncode == 0
+    done = run_cli("get", "s", "u", home=home)
+    assert (done.returncode, done.stdout) == (0, "v\n")
+    helper.write_text("#!/bin/sh\necho 'not-the-password'\n")
+    done = run_cli("get", "s", "u", home=home)
+    assert done.returncode == 8 and "not-the-password" not in done.stderr
+    helper.write_text("#!/bin/sh\nexit 3\n")
+    done = run_cli("get", "s", "u", home=home)
+    assert done.returncode == 8
+    assert "storage.password_command" in done.stderr and "status 3" in done.stderr
+
+
+def test_the_password_from_another_keyring(pw_database: tuple[str, str],
+                                           tmp_path: Path) -> None:
+    url, password = pw_database
+    home = tmp_path / "host0"
+    home.mkdir(mode=0o700)
+    config = home / "config.toml"
+    config.write_text(f'[storage]\nurl = "{url}"\npassword_keyring = "postgres.example"\n')
+    config.chmod(0o600)
+    env = {"PYTHON_KEYRING_BACKEND": "keyrings.alt.file.PlaintextKeyring"}
+    user = url.split("//")[1].split("@")[0]
+    put = subprocess.run([sys.executable, "-m", "keyring", "set", "postgres.example", user],
+                         input=password + "\n", text=True, capture_output=True, check=False,
+                         env=dict(os.environ, **env))
+    assert put.returncode == 0, put.stderr
+    assert run_cli("init", home=home, env=env).returncode == 0
+    assert run_cli("set", "s", "u", stdin="v", home=home, env=env).returncode == 0
+    assert run_cli("get", "s", "u", home=home, env=env).stdout == "v\n"
+    # keyring-hardened itself as keyring's backend: refused, never a recursion.
+    done = run_cli("get", "s", "u", home=home,
+                   env={"PYTHON_KEYRING_BACKEND": "keyring_hardened.backend.HardenedKeyring"})
+    assert done.returncode == 2
+    assert "keyring-hardened itself" in done.stderr
+
+
+def test_a_password_in_the_config_url_is_refused(pg_url: str, tmp_path: Path) -> None:
+    home = tmp_path / "host0"
+    home.mkdir(mode=0o700)
+    config = home / "config.toml"
+    config.write_text('[storage]\nurl = "postgresql://app:hunter2secret@db.example/vault"\n')
+    config.chmod(0o600)
+    done = run_cli("status", home=home)
+    assert done.returncode == 2
+    assert "storage.url" in done.stderr and "hunter2secret" not in done.stderr
+    done = run_cli("migrate-storage", "--to", "postgresql://a:hunter2secret@h/db", home=home)
+    assert done.returncode == 2 and "hunter2secret" not in done.stderr
+
+
+def test_migrate_storage_both_ways_verified_and_never_into_a_vault(
+        pg_cluster: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "host0"
+    with Store.init(home, actor="admin") as s:
+        for i in range(20):
+            s.set("svc", f"u{i}", f"value-{i}")
+        s.set("svc", "u0", "newer")
+        s.delete("svc", "u1")
+        s.set("ttl", "x", "t", ttl=3600.0)
+        s.keys.rotate()
+        s.seal()
+        s.unseal()
+    target = pg_cluster.new_database()
+    done = run_cli("migrate-storage", "--to", target, "--json", home=home)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["credentials"] == 20 and report["versions"] == 22
+    # Into a vault: refused, and the target is left as it was.
+    again = run_cli("migrate-storage", "--to", target, home=home)
+    assert again.returncode == 2 and "already holds a vault" in again.stderr
+    monkeypatch.setenv(URL, target)
+    with Store.open(home) as s:
+        assert s.get("svc", "u0").reveal() == "newer"
+        assert s.get("svc", "u0", version=1).reveal() == "value-0"
+        assert s.trail.verify().ok
+        s.set("svc", "after", "moved")
+    back = tmp_path / "back.db"
+    done = run_cli("migrate-storage", "--to", f"sqlite://{back}", home=home, env={URL: target})
+    assert done.returncode == 0, done.stderr
+    monkeypatch.delenv(URL)
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    shutil.copy2(back, other / "vault.db")
+    shutil.copy2(home / "master.key", other / "master.key")
+    with Store.open(other) as s:
+        assert s.get("svc", "after").reveal() == "moved"
+        assert s.trail.verify().ok
+
+
+def test_a_vault_on_postgresql_refuses_file_copies(shared: str, tmp_path: Path) -> None:
+    home = tmp_path / "host0"
+    Store.init(home).close()
+    done = run_cli("backup", str(tmp_path / "b.db"), home=home)
+    assert done.returncode == 2 and "migrate-storage" in done.stderr
+    assert not (tmp_path / "b.db").exists()
+    done = run_cli("restore", str(tmp_path / "b.db"), home=home)
+    assert done.returncode == 2 and "migrate-storage" in done.stderr
