@@ -11,6 +11,8 @@ import pytest
 from keyring_hardened.config import Config
 from keyring_hardened.store import Store
 
+pytest_plugins = ["tests.conftest_pg"]
+
 #: Driven through every path; must never show anywhere but a successful read.
 CANARY = "canary-7f3a9c1e-DO-NOT-LEAK"
 
