@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from .pgcluster import (
     Selection,
     dbname_of,
     find_bindir,
+    reap_stale,
     select_server,
 )
 
@@ -228,3 +230,17 @@ def test_find_bindir_takes_the_highest_version(tmp_path: Path,
     # 16 has no initdb (a client-only package): 15 is the highest with a server.
     assert find_bindir(str(tmp_path / "*" / "bin")) == tmp_path / "15" / "bin"
     assert find_bindir(str(tmp_path / "none" / "*" / "bin")) is None
+
+
+def test_reap_stale_removes_only_clusters_whose_owner_died(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    for name, owner in (("kh-pg-dead", dead.stdout.strip()), ("kh-pg-live", str(os.getpid())),
+                        ("kh-pg-unowned", None)):
+        (tmp_path / name / "data").mkdir(parents=True)
+        # A pid file naming a live process that is not this cluster's postmaster.
+        (tmp_path / name / "data" / "postmaster.pid").write_text(f"{os.getpid()}\n")
+        if owner is not None:
+            (tmp_path / name / "owner.pid").write_text(owner + "\n")
+    assert reap_stale(str(tmp_path)) == [tmp_path / "kh-pg-dead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kh-pg-live", "kh-pg-unowned"]
