@@ -11,8 +11,9 @@ import pytest
 from keyring_hardened.config import Config
 from keyring_hardened.store import Store
 
-#: The store's behavioural suite runs on both engines (tests/engines_plugin.py).
-pytest_plugins = ["tests.engines_plugin"]
+#: The PostgreSQL harness (tests/conftest_pg.py), and the store's behavioural
+#: suite on both engines (tests/engines_plugin.py).
+pytest_plugins = ["tests.conftest_pg", "tests.engines_plugin"]
 
 #: Driven through every path; must never show anywhere but a successful read.
 CANARY = "canary-7f3a9c1e-DO-NOT-LEAK"
