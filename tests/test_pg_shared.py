@@ -15,8 +15,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -61,7 +61,8 @@ def _together(procs: list[subprocess.Popen[str]], timeout: float = 300
               ) -> list[tuple[int, str, str]]:
     """Start every process's work at once (they imported and opened ahead), and wait."""
     for p in procs:
-        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout is not None
+        assert p.stdin is not None
         line = p.stdout.readline()
         assert line == "ready\n", (line, p.stderr.read() if p.stderr else "")
     for p in procs:
@@ -166,9 +167,10 @@ def test_one_refresher_run_for_eight_hosts(shared: str, tmp_path: Path) -> None:
 
 RESTART_WRITER = textwrap.dedent("""
     import json, sys, time
-        from keyring_hardened.store import Store
+    from keyring_hardened.errors import StorageError
+    from keyring_hardened.store import Store
     home, i, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    acked, failed = [], []
+    acked, failed, stamps = [], [], []
     with Store.open(home, actor=f"host{i}") as s:
         print("ready", flush=True)
         sys.stdin.readline()
@@ -178,27 +180,34 @@ RESTART_WRITER = textwrap.dedent("""
             try:
                 s.set(f"host{i}", "u", f"v{j}")
                 acked.append(j)
+                stamps.append(time.time())
             except StorageError as exc:
                 failed.append(str(exc))
-    print(json.dumps({"acked": acked, "failed": failed}))
+    print(json.dumps({"acked": acked, "failed": failed, "stamps": stamps}))
 """)
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_a_server_restart_among_writers_loses_nothing_acknowledged(
-        shared: str, pg_managed_cluster: Cluster, tmp_path: Path, mode: str) -> None:
+        shared: str, pg_managed_cluster: Cluster, tmp_path: Path,
+        mode: Literal["fast", "immediate"]) -> None:
     first = tmp_path / "host0"
     Store.init(first).close()
     homes = [_host(tmp_path, first, i) for i in range(4)]
     procs = [_start(RESTART_WRITER, str(h), str(i), "6") for i, h in enumerate(homes)]
     for p in procs:
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        assert p.stdout is not None
+        assert p.stderr is not None
+        line = p.stdout.readline()
+        assert line == "ready\n", (line, p.stderr.read())
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
     time.sleep(1.5)
+    down = time.time()
     pg_managed_cluster.restart(mode)  # in the middle of their writes
+    up = time.time()
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -206,13 +215,17 @@ def test_a_server_restart_among_writers_loses_nothing_acknowledged(
         results.append(json.loads(out.strip().splitlines()[-1]))
     with Store.open(first) as s:
         for i, result in enumerate(results):
-            assert result["acked"], result  # each wrote before and after the restart
+            # Each wrote before the restart and after it (retried through it).
+            assert min(result["stamps"]) < down, (down, up)
+            assert max(result["stamps"]) > up, (down, up)
             # Every acknowledged write is there: the last one is current, and
-            # the versions kept are the newest ones acknowledged (or later).
+            # history (newest first) holds only values that were written.
             assert s.get(f"host{i}", "u").reveal() == f"v{result['acked'][-1]}"
             kept = [s.get(f"host{i}", "u", version=v.version).reveal()
                     for v in s.history(f"host{i}", "u")]
-            assert kept[-1] == f"v{result['acked'][-1]}"
+            assert kept[0] == f"v{result['acked'][-1]}"
+            attempted = {f"v{j}" for j in range(1, result["acked"][-1] + 1)}
+            assert set(kept) <= attempted
             for message in result["failed"]:
                 # A failure that outlasted the retries names the server, not a password.
                 assert "PostgreSQL vault at postgresql://" in message, message
@@ -266,22 +279,23 @@ def test_status_names_the_server_never_the_password(pg_cluster: PgServer, tmp_pa
     assert "Traceback" not in done.stderr
     # A server that is not there: exit 8 naming it, after the bounded retries.
     gone = tcp.replace(tcp.split("@")[1].split("/")[0], "127.0.0.1:1")
-    (home / "config.toml").write_text("[storage]\nbusy_timeout = 1\n")
+    (home / "config.toml").write_text("[storage]\nbusy_timeout = \"1s\"\n")
     (home / "config.toml").chmod(0o600)
     done = run_cli("get", "a", "b", home=home, env={URL: gone})
     assert done.returncode == 8
-    assert "127.0.0.1:1" in done.stderr and CANARY not in done.stderr
+    assert "127.0.0.1:1" in done.stderr
+    assert CANARY not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture
-def pw_database(pg_cluster: PgServer) -> Iterator[tuple[str, str]]:
+def pw_database(pg_cluster: PgServer) -> tuple[str, str]:
     """A database owned by a role that needs its password: (URL without it, password)."""
     password = "pg-secret-" + os.urandom(6).hex()
     role = "kh_pw_" + os.urandom(4).hex()
     pg_cluster.create_role(role, password)
     url = pg_cluster.new_database(owner=role)
-    yield pg_cluster.tcp_url(dbname_of(url), role, None), password
+    return pg_cluster.tcp_url(dbname_of(url), role, None), password
 
 
 def test_the_password_from_pgpassfile(pw_database: tuple[str, str], tmp_path: Path) -> None:
@@ -315,11 +329,13 @@ def test_the_password_from_a_command(pw_database: tuple[str, str], tmp_path: Pat
     assert (done.returncode, done.stdout) == (0, "v\n")
     helper.write_text("#!/bin/sh\necho 'not-the-password'\n")
     done = run_cli("get", "s", "u", home=home)
-    assert done.returncode == 8 and "not-the-password" not in done.stderr
+    assert done.returncode == 8
+    assert "not-the-password" not in done.stderr
     helper.write_text("#!/bin/sh\nexit 3\n")
     done = run_cli("get", "s", "u", home=home)
     assert done.returncode == 8
-    assert "storage.password_command" in done.stderr and "status 3" in done.stderr
+    assert "storage.password_command" in done.stderr
+    assert "status 3" in done.stderr
 
 
 def test_the_password_from_another_keyring(pw_database: tuple[str, str],
@@ -354,9 +370,11 @@ def test_a_password_in_the_config_url_is_refused(pg_url: str, tmp_path: Path) ->
     config.chmod(0o600)
     done = run_cli("status", home=home)
     assert done.returncode == 2
-    assert "storage.url" in done.stderr and "hunter2secret" not in done.stderr
+    assert "storage.url" in done.stderr
+    assert "hunter2secret" not in done.stderr
     done = run_cli("migrate-storage", "--to", "postgresql://a:hunter2secret@h/db", home=home)
-    assert done.returncode == 2 and "hunter2secret" not in done.stderr
+    assert done.returncode == 2
+    assert "hunter2secret" not in done.stderr
 
 
 def test_migrate_storage_both_ways_verified_and_never_into_a_vault(
@@ -375,10 +393,12 @@ def test_migrate_storage_both_ways_verified_and_never_into_a_vault(
     done = run_cli("migrate-storage", "--to", target, "--json", home=home)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["credentials"] == 20 and report["versions"] == 22
+    assert report["credentials"] == 20
+    assert report["versions"] == 22
     # Into a vault: refused, and the target is left as it was.
     again = run_cli("migrate-storage", "--to", target, home=home)
-    assert again.returncode == 2 and "already holds a vault" in again.stderr
+    assert again.returncode == 2
+    assert "already holds a vault" in again.stderr
     monkeypatch.setenv(URL, target)
     with Store.open(home) as s:
         assert s.get("svc", "u0").reveal() == "newer"
@@ -402,7 +422,9 @@ def test_a_vault_on_postgresql_refuses_file_copies(shared: str, tmp_path: Path) 
     home = tmp_path / "host0"
     Store.init(home).close()
     done = run_cli("backup", str(tmp_path / "b.db"), home=home)
-    assert done.returncode == 2 and "migrate-storage" in done.stderr
+    assert done.returncode == 2
+    assert "migrate-storage" in done.stderr
     assert not (tmp_path / "b.db").exists()
     done = run_cli("restore", str(tmp_path / "b.db"), home=home)
-    assert done.returncode == 2 and "migrate-storage" in done.stderr
+    assert done.returncode == 2
+    assert "migrate-storage" in done.stderr
