@@ -65,6 +65,11 @@ __all__ = ["PostgresEngine", "PostgresStorage", "display_url"]
 #: SQLSTATE classes and codes worth running the operation again for.
 _TRANSIENT_STATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 
+#: Signs, in libpq's connection errors, of a server that is away for now.
+_AWAY = ("Connection refused", "No such file or directory", "the database system is",
+         "timeout expired", "server closed the connection", "could not receive data",
+         "Connection reset", "terminating connection")
+
 _INSERT_EVENT = ("INSERT INTO audit_events (seq, ts_us, actor, op, service, username, outcome,"
                  " key_version, reason, mac, epoch, root) VALUES (%s, %s, %s, %s, %s, %s, %s,"
                  " %s, %s, %s, %s, %s)")
@@ -141,7 +146,10 @@ class PostgresEngine:
                 break
             except psycopg.Error as exc:
                 message = self._scrub(str(exc))
-                if "password authentication failed" in message or "no password" in message \
+                # Only a server that is away (down, restarting, starting up)
+                # is waited for; a refusal (password, certificate, no such
+                # database) is the same on every try.
+                if not any(sign in message for sign in _AWAY) \
                         or time.monotonic() + delay > deadline:
                     raise StorageError(f"PostgreSQL vault at {self.where}: cannot connect: "
                                        f"{message}") from None

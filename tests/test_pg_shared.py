@@ -428,3 +428,187 @@ def test_a_vault_on_postgresql_refuses_file_copies(shared: str, tmp_path: Path) 
     done = run_cli("restore", str(tmp_path / "b.db"), home=home)
     assert done.returncode == 2
     assert "migrate-storage" in done.stderr
+
+
+def test_the_root_key_is_in_no_table(shared: str, pg_cluster: PgServer, tmp_path: Path) -> None:
+    home = tmp_path / "host0"
+    with Store.init(home) as s:
+        s.set("svc", "u", "v")
+        s.keys.rotate()
+    key = (home / "master.key").read_bytes()
+    dump = pg_cluster.all_tables_dump(dbname_of(shared))
+    for form in (key, key.hex().encode(), key.hex().upper().encode()):
+        assert form not in dump
+
+
+def test_a_row_edited_behind_the_vaults_back_is_exit_3(shared: str, tmp_path: Path) -> None:
+    import psycopg
+
+    home = tmp_path / "host0"
+    with Store.init(home) as s:
+        s.set("svc", "a", "first")
+        s.set("svc", "b", "second")
+    with psycopg.connect(shared, autocommit=True) as conn:
+        # Swap the two credentials' ciphertexts and wrapped keys, as a DBA could.
+        conn.execute("UPDATE secret_versions v SET wrapped_key = o.wrapped_key,"
+                     " ciphertext = o.ciphertext, digest = o.digest FROM secret_versions o"
+                     " WHERE v.credential_id <> o.credential_id")
+    done = run_cli("get", "svc", "a", home=home)
+    assert done.returncode == 3, done.stderr
+    assert "first" not in done.stdout + done.stderr
+    assert "second" not in done.stdout + done.stderr
+
+
+def test_least_privilege_clients_read_and_write_but_change_no_schema(
+        pg_cluster: PgServer, tmp_path: Path) -> None:
+    import psycopg
+
+    owner, client = "kh_pw_owner_" + os.urandom(3).hex(), "kh_pw_client_" + os.urandom(3).hex()
+    pg_cluster.create_role(owner, "owner-pw")
+    pg_cluster.create_role(client, "client-pw")
+    admin = pg_cluster.new_database(owner=owner)
+    db = dbname_of(admin)
+    home = tmp_path / "host0"
+    as_owner = {URL: pg_cluster.tcp_url(db, owner, "owner-pw")}
+    assert run_cli("init", home=home, env=as_owner).returncode == 0
+    with psycopg.connect(pg_cluster.tcp_url(db, owner, "owner-pw"), autocommit=True) as conn:
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+                     f" TO {client}")
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {client}")
+    as_client = {URL: pg_cluster.tcp_url(db, client, "client-pw")}
+    assert run_cli("set", "svc", "u", stdin="v", home=home, env=as_client).returncode == 0
+    assert run_cli("get", "svc", "u", home=home, env=as_client).stdout == "v\n"
+    assert run_cli("delete", "svc", "u", "--purge", home=home, env=as_client).returncode == 0
+    assert run_cli("audit", "verify", home=home, env=as_client).returncode == 0
+    # A pending migration needs the owner: the client says so, and changes nothing.
+    with psycopg.connect(pg_cluster.tcp_url(db, owner, "owner-pw"), autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE name = '0006_refresh'")
+        conn.execute("ALTER TABLE credentials DROP COLUMN refresh")
+        conn.execute("DROP TABLE refresh_leases")
+    done = run_cli("get", "svc", "u", home=home, env=as_client)
+    assert done.returncode == 8
+    assert "permission denied" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert run_cli("status", home=home, env=as_owner).returncode == 0  # the owner migrates
+    with psycopg.connect(pg_cluster.tcp_url(db, owner, "owner-pw"), autocommit=True) as conn:
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+                     f" TO {client}")
+    assert run_cli("set", "svc", "u", stdin="w", home=home, env=as_client).returncode == 0
+
+
+def test_purge_on_postgresql_says_what_remains(shared: str, tmp_path: Path) -> None:
+    home = tmp_path / "host0"
+    assert run_cli("init", home=home).returncode == 0
+    assert run_cli("set", "svc", "u", stdin="v", home=home).returncode == 0
+    done = run_cli("delete", "svc", "u", "--purge", home=home)
+    assert done.returncode == 0
+    assert "PostgreSQL at postgresql://" in done.stderr
+    assert "until vacuum reuses the space" in done.stderr
+    assert done.stderr.count("until vacuum") == 1  # told once, not by the logger too
+
+
+def test_after_a_rekey_other_hosts_need_the_new_key_file(shared: str, tmp_path: Path) -> None:
+    first = tmp_path / "host0"
+    with Store.init(first) as s:
+        s.set("svc", "u", "v")
+    other = _host(tmp_path, first, 1)
+    assert run_cli("get", "svc", "u", home=other).returncode == 0
+    assert run_cli("key", "rekey", home=first).returncode == 0
+    done = run_cli("get", "svc", "u", home=other)
+    assert done.returncode == 6, done.stderr
+    assert done.stdout != "v\n"
+    shutil.copy2(first / "master.key", other / "master.key")
+    assert run_cli("get", "svc", "u", home=other).stdout == "v\n"
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def ca(text: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(text)).issuer_name(name(text))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = ca("kh test CA")
+    _, other_cert = ca("another CA")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = (x509.CertificateBuilder().subject_name(name("127.0.0.1"))
+              .issuer_name(ca_cert.subject).public_key(server_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5))
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName(
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = (folder / "ca.pem", folder / "server.crt", folder / "server.key",
+             folder / "other-ca.pem")
+    paths[0].write_bytes(ca_cert.public_bytes(pem))
+    paths[1].write_bytes(server.public_bytes(pem))
+    paths[2].write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    paths[3].write_bytes(other_cert.public_bytes(pem))
+    return paths
+
+
+def test_sslmode_verify_full_checks_the_server(pg_managed_cluster: Cluster,
+                                               tmp_path: Path) -> None:
+    import psycopg
+
+    ca, crt, key, other = _certificates(tmp_path)
+    data = pg_managed_cluster.datadir
+    owner = data.stat()
+    for source in (crt, key):
+        target = data / f"kh-{source.name}"
+        shutil.copy2(source, target)
+        os.chown(target, owner.st_uid, owner.st_gid)
+        target.chmod(0o600)
+    admin = pg_managed_cluster.admin_url()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET ssl_cert_file = '{data / 'kh-server.crt'}'")
+        conn.execute(f"ALTER SYSTEM SET ssl_key_file = '{data / 'kh-server.key'}'")
+        conn.execute("ALTER SYSTEM SET ssl = on")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        role = "kh_pw_tls_" + os.urandom(3).hex()
+        pg_managed_cluster.create_role(role, "tls-pw")
+        db = dbname_of(pg_managed_cluster.new_database(owner=role))
+        base = pg_managed_cluster.tcp_url(db, role, "tls-pw")
+        home = tmp_path / "host0"
+        good = {URL: f"{base}?sslmode=verify-full&sslrootcert={ca}"}
+        deadline = time.monotonic() + 10
+        while (done := run_cli("init", home=home, env=good)).returncode != 0:
+            assert time.monotonic() < deadline, done.stderr  # the reload takes a moment
+            time.sleep(0.2)
+        assert run_cli("set", "svc", "u", stdin="v", home=home, env=good).returncode == 0
+        assert run_cli("get", "svc", "u", home=home, env=good).stdout == "v\n"
+        with psycopg.connect(f"{base}?sslmode=verify-full&sslrootcert={ca}") as conn:
+            assert conn.pgconn.ssl_in_use
+        # A server whose certificate another CA signed: refused, exit 8, naming the server.
+        bad = {URL: f"{base}?sslmode=verify-full&sslrootcert={other}"}
+        done = run_cli("get", "svc", "u", home=home, env=bad)
+        assert done.returncode == 8
+        assert "certificate verify failed" in done.stderr
+        assert "PostgreSQL vault at postgresql://" in done.stderr
+        assert "tls-pw" not in done.stderr
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET ssl")
+            conn.execute("SELECT pg_reload_conf()")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from keyring_hardened import engines, port, schema, storage
+from keyring_hardened.pgstorage import PostgresEngine, PostgresStorage
 from keyring_hardened.port import Engine, Storage
 from keyring_hardened.storage import SQLiteStorage
 from keyring_hardened.store import Store
@@ -15,9 +16,14 @@ from keyring_hardened.store import Store
 # Checked by mypy --strict (make lint), not only here at run time: the SQLite
 # engine is structurally a Storage, and its class is an Engine.
 _ENGINE: Engine = SQLiteStorage
+_PG_ENGINE: Engine = PostgresEngine("postgresql://u@h/db")
 
 
 def _as_port(engine_storage: SQLiteStorage) -> Storage:
+    return engine_storage
+
+
+def _pg_as_port(engine_storage: PostgresStorage) -> Storage:
     return engine_storage
 
 
@@ -41,7 +47,9 @@ def test_sqlite_storage_satisfies_the_port(opened: SQLiteStorage) -> None:
         opened.close()
 
 
-@pytest.mark.parametrize(("proto", "impl"), [(Storage, SQLiteStorage), (Engine, SQLiteStorage)])
+@pytest.mark.parametrize(("proto", "impl"), [(Storage, SQLiteStorage), (Engine, SQLiteStorage),
+                                             (Storage, PostgresStorage),
+                                             (Engine, PostgresEngine)])
 def test_every_port_operation_has_the_same_signature_in_sqlite(proto: type, impl: type) -> None:
     # Names, order, kinds and defaults: a caller written against the port
     # (positional or by keyword) calls the engine the same way.
@@ -60,12 +68,27 @@ def test_the_port_names_what_the_core_uses_and_no_engine_internals() -> None:
     members = set(_members(Storage))
     assert {"transaction", "snapshot", "append_event", "audit_head", "put_lease",
             "put_buckets", "versions", "nodes"} <= members
-    assert not {"open", "create", "open_copy"} & members  # opening is the Engine's
-    assert set(_members(Engine)) == {"open", "open_copy", "create"}
+    assert not {"open", "create", "open_copy", "create_from"} & members  # the Engine's
+    assert set(_members(Engine)) == {"open", "open_copy", "create", "create_from"}
 
 
-def test_the_one_engine_today_is_sqlite() -> None:
+def test_sqlite_is_the_default_and_a_url_selects_postgresql(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyring_hardened.config import Config
+    from keyring_hardened.errors import ConfigError
+
     assert engines.engine() is SQLiteStorage
+    assert engines.engine(Config()) is SQLiteStorage
+    chosen = engines.engine(Config(storage_url="postgresql://app@db.example/vault"))
+    assert isinstance(chosen, PostgresEngine)
+    assert chosen.where == "postgresql://app@db.example/vault"
+    monkeypatch.setenv("KEYRING_HARDENED_STORAGE_URL", "postgresql://ci@other.example/v")
+    env = engines.engine(Config(storage_url="postgresql://app@db.example/vault"))
+    assert isinstance(env, PostgresEngine)
+    assert env.where == "postgresql://ci@other.example/v"  # the environment wins
+    monkeypatch.setenv("KEYRING_HARDENED_STORAGE_URL", "mysql://x")
+    with pytest.raises(ConfigError, match="KEYRING_HARDENED_STORAGE_URL: expected a"):
+        engines.engine(Config())
 
 
 def test_rows_and_schema_keep_their_old_import_paths() -> None:
