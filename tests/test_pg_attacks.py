@@ -196,7 +196,8 @@ class _FakeServer:
     """A network attacker in the middle: answers as PostgreSQL without TLS and asks for the
     password in clear text, keeping what the client sends."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_with: bytes | None = None) -> None:
+        self.refuse_with = refuse_with
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.got: list[bytes] = []
@@ -227,6 +228,10 @@ class _FakeServer:
                         conn.sendall(b"N")  # no TLS, no GSS: go on in the clear
                         continue
                     break
+                if self.refuse_with is not None:
+                    fields = b"SFATAL\0C28000\0M" + self.refuse_with + b"\0\0"
+                    conn.sendall(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+                    continue
                 conn.sendall(b"R" + (8).to_bytes(4, "big") + (3).to_bytes(4, "big"))
                 kind = self._read(conn, 1)
                 size = int.from_bytes(self._read(conn, 4), "big")
@@ -258,6 +263,21 @@ def test_a_server_in_the_middle_never_gets_the_password(tmp_path: Path) -> None:
     assert done.returncode in (2, 8), done.stderr
     _clean(done)
     assert not any(CANARY.encode() in got for got in fake.got), "password sent in clear text"
+
+
+def test_a_hostile_server_message_reaches_no_terminal_raw(tmp_path: Path) -> None:
+    fake = _FakeServer(refuse_with=b"no\x1b]0;owned\x07\x1b[2J\rkeyring-hardened: all good")
+    try:
+        home = _home(tmp_path, config=FAST)
+        done = run_cli("status", home=home,
+                       env={URL: f"postgresql://app@127.0.0.1:{fake.port}/vault"})
+    finally:
+        fake.close()
+    assert done.returncode == 8, done.stderr
+    assert "\x1b" not in done.stderr
+    assert "\x07" not in done.stderr
+    assert "\r" not in done.stderr
+    _clean(done)
 
 
 # -- rows edited behind the vault's back -------------------------------------------------
@@ -408,6 +428,30 @@ def test_a_column_retyped_to_text_is_damage_not_a_crash(vault: Path, pg_url: str
     _clean(done)
 
 
+@pytest.mark.parametrize(("table", "column"), [
+    ("rate_buckets", "tokens"), ("rate_buckets", "updated"), ("seal", "sealed_at"),
+    ("credentials", "updated_at"), ("secret_versions", "expires_at"),
+])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_float_is_damage_not_a_crash(pg_url: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, table: str,
+                                                   column: str, value: str) -> None:
+    monkeypatch.setenv(URL, pg_url)
+    home = _home(tmp_path, config=FAST + '[[rate_limits]]\nactors = ["*"]\nservices = ["*"]\n'
+                 'operations = ["read"]\nlimit = 100\nper = "1s"\n')
+    with Store.init(home, actor="admin") as s:
+        s.set("svc", "alice", "alice-secret", ttl=3600.0)
+        s.get("svc", "alice")
+        if table == "seal":
+            s.seal()
+    with _admin(pg_url) as db:
+        assert db.execute(f"UPDATE {table} SET {column} = %s::float8", (value,)).rowcount >= 1
+    done = run_cli("get", "svc", "alice", home=home)
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    assert "alice-secret" not in done.stdout
+    _clean(done)
+
+
 def test_a_huge_planted_row_is_refused_promptly(vault: Path, pg_url: str) -> None:
     with _admin(pg_url) as db:
         db.execute("UPDATE secret_versions SET ciphertext = ciphertext ||"
@@ -447,21 +491,49 @@ def test_two_vaults_in_two_schemas_do_not_share_rows_or_lock(
         assert done.stdout == f"in-{name}\n"
 
 
-@pytest.mark.xfail(strict=True, reason="search_path 'b,public' opens the vault in public but "
-                   "takes schema b's advisory lock: two writers on one chain, unserialised")
+@pytest.mark.xfail(strict=True, reason="a search_path that falls through (URL options, or a "
+                   "schema named after the role) opens the vault in public but locks another "
+                   "schema: two writers on one chain, unserialised")
+@pytest.mark.parametrize("via", ["url-options", "user-schema"])
 def test_a_search_path_that_falls_through_to_another_schema_takes_its_lock(
-        vault: Path, pg_url: str, tmp_path: Path) -> None:
-    with _admin(pg_url) as db:
-        db.execute("CREATE SCHEMA b")
+        vault: Path, pg_url: str, tmp_path: Path, via: str) -> None:
     other = _home(tmp_path, "host1", config=FAST)
     shutil.copy2(vault / "master.key", other / "master.key")
-    env = {URL: _with_search_path(pg_url, "b,public")}
+    with _admin(pg_url) as db:
+        if via == "url-options":
+            db.execute("CREATE SCHEMA b")
+            env = {URL: _with_search_path(pg_url, "b,public")}
+        else:
+            # Anyone who may create schemas in the database: "$user" comes first by default.
+            db.execute('CREATE SCHEMA "postgres"')
+            env = {URL: pg_url}
     with _admin(pg_url) as holder, holder.transaction():
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(holder, "public"),))
         done = run_cli("set", "svc", "carol", stdin="x", home=other, env=env)
         # Either refused (the vault is not in the connection's schema) or it waits
         # on the vault's own lock: never a write past the lock another client holds.
         assert done.returncode != 0, "wrote to the vault while another client held its lock"
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT * FROM credentials FOR UPDATE",
+    "SELECT * FROM audit_anchor FOR UPDATE",
+    "LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE",
+])
+def test_a_database_user_holding_row_or_table_locks_is_exit_8(vault: Path, pg_url: str,
+                                                              statement: str) -> None:
+    with _admin(pg_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(statement)
+        start = time.monotonic()
+        done = run_cli("set", "svc", "carol", stdin="carol-secret", home=vault)
+        assert time.monotonic() - start < 15
+        holder.execute("ROLLBACK")
+    assert done.returncode in (0, 8), done.stderr
+    if done.returncode == 8:
+        assert "PostgreSQL vault at postgresql://" in done.stderr
+        _clean(done)
+    assert run_cli("audit", "verify", home=vault).returncode == 0
 
 
 def test_a_client_holding_the_vault_lock_is_exit_8_naming_the_host(
