@@ -87,8 +87,8 @@ def _get(home: Path, service: str, user: str) -> subprocess.CompletedProcess[str
 # -- a hostile or malformed URL ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a malformed KEYRING_HARDENED_STORAGE_URL is echoed "
-                   "whole by libpq's parse error, password included (status, exit 8)")
+@pytest.mark.xfail(strict=True, reason="a malformed KEYRING_HARDENED_STORAGE_URL is echoed by "
+                   "libpq's parse error, password included, against TEAM-5 (status, get, exit 8)")
 @pytest.mark.parametrize("url", [
     "postgresql://app:hunter2-{c}@[::1]x/vault",
     "postgresql://app:hunter2-{c}%zz@localhost/vault",
@@ -103,8 +103,8 @@ def test_a_malformed_env_url_never_shows_its_password(url: str, tmp_path: Path) 
         _clean(done)
 
 
-@pytest.mark.xfail(strict=True, reason="a URL libpq cannot parse is retried for the whole busy "
-                   "timeout and reported as storage exit 8, not a usage error exit 2 at once")
+@pytest.mark.xfail(strict=True, reason="a URL libpq cannot parse passes check_url and is "
+                   "reported as storage exit 8 on connect, not a usage error exit 2")
 def test_a_malformed_env_url_is_a_usage_error_at_once(tmp_path: Path) -> None:
     home = _home(tmp_path, config='[storage]\nbusy_timeout = "3s"\n')
     start = time.monotonic()
