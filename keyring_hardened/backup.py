@@ -111,7 +111,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _check_target(target: Path, location: Location) -> None:
+def _check_target(target: Path, location: Location, what: str = "backup") -> None:
     """Refuse a destination that would lose the copy, leak it, or hit something else.
 
     A link is refused (it would be replaced, not followed: say so instead
@@ -120,33 +120,33 @@ def _check_target(target: Path, location: Location) -> None:
     anyone could swap or delete the copy; so is the live vault itself.
     """
     if not target.name or target.name in (".", ".."):
-        raise UsageError(f"backup path {target} names no file")
+        raise UsageError(f"{what} path {target} names no file")
     folder = target.parent
     try:
         fst = os.stat(folder)
     except FileNotFoundError:
-        raise UsageError(f"backup folder {folder} does not exist") from None
+        raise UsageError(f"{what} folder {folder} does not exist") from None
     except OSError as exc:
-        raise UsageError(f"backup folder {folder} cannot be used: {exc.strerror}") from None
+        raise UsageError(f"{what} folder {folder} cannot be used: {exc.strerror}") from None
     if not stat.S_ISDIR(fst.st_mode):
-        raise UsageError(f"backup folder {folder} is not a folder")
+        raise UsageError(f"{what} folder {folder} is not a folder")
     if fst.st_mode & stat.S_IWOTH and not fst.st_mode & stat.S_ISVTX:
-        raise UsageError(f"backup folder {folder} is writable by others and not sticky: anyone "
+        raise UsageError(f"{what} folder {folder} is writable by others and not sticky: anyone "
                          "could replace or delete the copy there; choose another folder")
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise UsageError(f"backup path {target} cannot be checked: {exc.strerror}") from None
+        raise UsageError(f"{what} path {target} cannot be checked: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise UsageError(f"backup path {target} is a symbolic link; give the file's own path")
+        raise UsageError(f"{what} path {target} is a symbolic link; give the file's own path")
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"backup path {target} exists and is not a regular file")
+        raise UsageError(f"{what} path {target} exists and is not a regular file")
     for live in (location.database, Path(f"{location.database}-wal"),
                  Path(f"{location.database}-shm"), location.key_file):
         if _same_file(target, live):
-            raise UsageError(f"backup path {target} is the live vault's own file {live}")
+            raise UsageError(f"{what} path {target} is the live vault's own file {live}")
 
 
 def _copy_bytes(src_fd: int, dst_fd: int) -> int:

@@ -423,6 +423,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_json(info))
         return 0
     print(f"home: {info['home']}")
+    if info["database"].startswith("postgresql://"):
+        print(f"storage: {_one_line(info['database'])} (shared; PostgreSQL)")
     print(f"mode: {info['mode']}" + (f" ({info['key_file']})" if info["key_file"] else ""))
     print(f"kdf: {info['kdf']}")
     # Who made the vault: "init", or the first set of an app or the keyring

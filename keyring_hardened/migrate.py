@@ -21,6 +21,7 @@ holds a vault already is refused (exit 2) and left alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -60,6 +61,11 @@ def _target(url: str, store: Session) -> tuple[Engine, Path, str]:
         path = Path(url.removeprefix("sqlite://"))
         if path.name in ("", ".", ".."):
             raise UsageError("--to: sqlite:/// needs a file name")
+        from .backup import _check_target
+
+        # As for a backup: no link, no folder where others could replace the
+        # copy or plant its journal, not the live vault's own files.
+        _check_target(path, store.location, "migrate-storage target")
         if os.path.lexists(path):
             raise UsageError(f"--to: {path} exists; migrate-storage only fills a new, empty "
                              "target")
@@ -106,10 +112,12 @@ def migrate_storage(store: Session, url: str) -> MigrateReport:
         raise UsageError("--to names the vault being copied")
     with store._guard() as storage, storage.snapshot():
         rows = {table: storage.export_rows(table) for table in TABLE_COLUMNS}
+    made = False
     try:
         if not target.create_from(path, rows):
             raise UsageError(f"--to: {where} already holds a vault; migrate-storage only "
                              "fills an empty target", "target-not-empty")
+        made = True
         copied = target.open(path, store.config.synchronous, store.config.busy_timeout)
         try:
             for table in TABLE_COLUMNS:
@@ -131,6 +139,10 @@ def migrate_storage(store: Session, url: str) -> MigrateReport:
             check.close()
     except HardenedError as exc:
         failure = exc
+        if made:
+            # Never leave a copy that failed its check where it could be used.
+            with contextlib.suppress(HardenedError, OSError):
+                target.discard(path)
 
         def failed(storage: Storage, note: _Note) -> None:
             raise failure

@@ -109,6 +109,13 @@ class PostgresEngine:
     """Opens and creates vaults in one PostgreSQL database (or schema)."""
 
     def __init__(self, url: str, password: Callable[[], str | None] | None = None) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(url)
+        except Exception:  # noqa: BLE001 - libpq's message repeats the URL: never shown
+            raise ConfigError("the storage URL is not a valid PostgreSQL URL (libpq cannot "
+                              "parse it); check its quoting and percent-escapes") from None
         self.url = url
         self.where = display_url(url)
         self._password = password
@@ -131,8 +138,19 @@ class PostgresEngine:
         """A new autocommit connection, retried within ``busy_timeout`` while the server is away."""
         import psycopg
 
-        kwargs: dict[str, Any] = {"autocommit": True, "application_name": "keyring-hardened",
-                                  "connect_timeout": max(1, min(30, int(busy_timeout)))}
+        kwargs: dict[str, Any] = {
+            "autocommit": True, "application_name": "keyring-hardened",
+            "connect_timeout": max(1, min(30, int(busy_timeout))),
+            # A peer that vanishes (a partition, a host gone) is noticed by
+            # TCP: probes on an idle connection, and a bound on unacknowledged
+            # data, instead of a wait as long as the operating system's.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 3, "tcp_user_timeout": 30_000}
+        if "require_auth" not in self.url and psycopg.pq.version() >= 160000:
+            # Never send the password in clear text, whatever the server asks:
+            # a server in the middle of a connection without verify-full would
+            # get it (trust, peer, md5-free SCRAM and certificates still work).
+            kwargs["require_auth"] = "!password"
         if self._password is not None:
             if self._secret is None:
                 self._secret = self._password()
@@ -161,6 +179,14 @@ class PostgresEngine:
             # lock after a minute instead of holding every other host.
             conn.execute(f"SET lock_timeout = {int(busy_timeout * 1000):d}; "
                          "SET idle_in_transaction_session_timeout = 60000")
+            # One schema for every name, and the lock keyed on it: the one
+            # that holds the vault, else the first of the search path (where
+            # init makes it). A search path that falls through to another
+            # schema's tables would otherwise write under another lock.
+            conn.execute(
+                "SELECT set_config('search_path', quote_ident(coalesce((SELECT n.nspname"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.oid = to_regclass('vault')), current_schema())), false)")
         except psycopg.Error as exc:
             conn.close()
             raise StorageError(f"PostgreSQL vault at {self.where}: {self._scrub(str(exc))}"
@@ -222,6 +248,17 @@ class PostgresEngine:
         finally:
             storage.close()
 
+    def discard(self, path: Path) -> None:
+        """Remove a vault that ``create_from`` made and its check refused (migrate-storage)."""
+        storage = PostgresStorage(self, self.connect(10.0), 10.0, "normal")
+        try:
+            with storage.transaction():
+                for table in reversed(TABLES):
+                    # Names from pgschema's constant list, never from input.
+                    storage.run(f"DROP TABLE IF EXISTS {table} CASCADE")
+        finally:
+            storage.close()
+
     def create_from(self, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
         """Create a vault holding exactly ``rows`` (migrate-storage), in one transaction.
 
@@ -250,13 +287,22 @@ class PostgresEngine:
 
 
 def _url_password(url: str) -> str | None:
-    try:
-        from psycopg.conninfo import conninfo_to_dict
+    """The password a URL carries, by libpq's parsing or, failing that, by URL syntax."""
+    from urllib.parse import parse_qs, unquote, urlsplit
 
+    from psycopg.conninfo import conninfo_to_dict
+
+    value: Any = None
+    with contextlib.suppress(Exception):  # a malformed URL: try plain URL syntax below
         value = conninfo_to_dict(url).get("password")
-    except Exception:  # noqa: BLE001 - a malformed URL holds nothing we can name
+    if value:
+        return str(value)
+    try:
+        parts = urlsplit(url)
+        found = parts.password or next(iter(parse_qs(parts.query).get("password", [])), None)
+    except ValueError:
         return None
-    return str(value) if value else None
+    return unquote(found) if found else None
 
 
 class PostgresStorage:
@@ -353,13 +399,21 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
-    def call(self, fn: Callable[[Any], None]) -> None:
-        """Run ``fn(connection)`` (schema work), mapping driver errors."""
+    def call(self, fn: Callable[[Any], None], creating: bool = True) -> None:
+        """Run ``fn(connection)`` (schema work), mapping driver errors.
+
+        ``creating``: a new vault, where a table of ours already there is
+        someone else's; else a pending migration, where it is damage.
+        """
         import psycopg
 
         try:
             fn(self._conn)
-        except psycopg.errors.DuplicateTable as exc:
+        except (psycopg.errors.DuplicateTable, psycopg.errors.DuplicateColumn) as exc:
+            if not creating:
+                raise IntegrityError(f"vault {self.where}: its migration records do not match "
+                                     "its tables (a record deleted?); restore it from a backup",
+                                     "schema-records") from None
             raise UsageError(f"the PostgreSQL database {self.where} already has a table of "
                              f"that name ({self._engine._scrub(str(exc))}); give the vault an "
                              "empty database or schema") from None
@@ -408,7 +462,7 @@ class PostgresStorage:
                              f"know ({', '.join(sorted(done - names))}); upgrade it")
         if done != names:
             with self.transaction():
-                self.call(apply_pg_migrations)
+                self.call(apply_pg_migrations, creating=False)
 
     # -- the connection and its transactions ---------------------------------------
 
@@ -635,9 +689,11 @@ class PostgresStorage:
         if not rows:
             return 0, 0.0
         failures, last_at = rows[0]
-        if failures < 0:
+        # Unauthenticated: a damaged row is read as the most cautious state,
+        # never trusted to shorten a wait (as SQLite's engine does).
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
             failures = 1 << 30
-        if last_at != last_at:  # NaN
+        if not isinstance(last_at, int | float) or last_at != last_at:
             last_at = float("inf")
         return int(failures), float(last_at)
 
@@ -845,6 +901,9 @@ class PostgresStorage:
                 " unnest(%s::int[], %s::bigint[]) AS w(level, idx)"
                 " ON n.level = w.level AND n.idx = w.idx",
                 ([k[0] for k in wanted], [k[1] for k in wanted])):
+            if not (isinstance(level, int) and isinstance(idx, int) and isinstance(blob, bytes)):
+                raise IntegrityError("a stored state node holds a value of the wrong type "
+                                     "(tampered?)", "column-type")
             found[(level, idx)] = blob
         return found
 

@@ -401,6 +401,9 @@ class Engine(Protocol):
         Returns False, changing nothing, when a vault already exists there.
         """
 
+    def discard(self, path: Path) -> None:
+        """Remove a vault that :meth:`create_from` made and its check then refused."""
+
     def create_from(self, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
         """Create a vault holding exactly ``rows`` by table (migrate-storage), atomically.
 

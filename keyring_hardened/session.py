@@ -590,7 +590,7 @@ class Session:
             event = event._replace(mac=audit.chain_mac(vkeys.audit_key, audit.GENESIS, event))
             vkeys.close()
             if not engine(cfg).create(location.database, record, kek_record, event,
-                                   {state.META_KEY: meta}):
+                                      {state.META_KEY: meta}):
                 root.close()
                 return None
         finally:
@@ -977,8 +977,8 @@ class Session:
                 # After fork the inherited connection belongs to the parent:
                 # leave it untouched and open our own.
                 self._storage = engine(self.config).open(self.location.database,
-                                              self.config.synchronous,
-                                              self.config.busy_timeout)
+                                                         self.config.synchronous,
+                                                         self.config.busy_timeout)
                 self._pid = os.getpid()
             yield self._storage
 

@@ -64,15 +64,19 @@ class Sinks:
             logger = logging.getLogger("keyring_hardened.audit.syslog")
             logger.propagate = False
             logger.setLevel(logging.INFO)
-            if not logger.handlers:
+            # Ours, not any handler: one an application (or a test harness)
+            # put on this logger must not stand in for the syslog socket.
+            if not any(isinstance(h, _Handler) or getattr(h, "_kh_syslog", False)
+                       for h in logger.handlers):
                 # The local daemon's socket only. No fallback to UDP on
                 # localhost: that would send the trail unauthenticated to
                 # whatever listens on port 514, and report success.
                 try:
                     if not os.path.exists(SYSLOG_SOCKET):
                         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-                    logger.addHandler(_Handler(address=SYSLOG_SOCKET,
-                                               facility=SysLogHandler.LOG_AUTH))
+                    handler = _Handler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_AUTH)
+                    handler._kh_syslog = True  # type: ignore[attr-defined]
+                    logger.addHandler(handler)
                 except OSError as exc:
                     log.warning("audit sink syslog: cannot connect to %s: %s; events are not "
                                 "copied to syslog", SYSLOG_SOCKET, exc.strerror)

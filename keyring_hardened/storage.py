@@ -320,6 +320,13 @@ class SQLiteStorage:
                 with contextlib.suppress(OSError):
                     os.unlink(leftover)
 
+    @classmethod
+    def discard(cls, path: Path) -> None:
+        """Remove a vault file that ``create_from`` made and its check refused (migrate-storage)."""
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
     def export_rows(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of one of the vault's tables (``schema.TABLE_COLUMNS``), in key order."""
         columns = TABLE_COLUMNS[table]

@@ -204,3 +204,13 @@ def test_checks_catch_what_they_should(tmp_path: Path) -> None:
     fenced = "a<!-- claim: X-1 -->\n```\n<!-- claim: Y-2 -->\n```\n"
     ids = [m.group(1) for m in _MARK.finditer(_CODE_FENCE.sub("", fenced))]
     assert ids == ["X-1"]
+
+
+def test_the_audit_guide_lists_every_operation() -> None:
+    # The trail records these names in `op`; the guide's table must name each.
+    from keyring_hardened import gate
+
+    row = next(line for line in (ROOT / "docs" / "audit-trail.md").read_text("utf-8")
+               .splitlines() if line.startswith("| `op` |"))
+    listed = set(re.findall(r"`([a-z-]+)`", row)) - {"op"}
+    assert set(gate.OPS) - {"key-rewrap-plan"} <= listed

@@ -16,9 +16,12 @@ from keyring_hardened.store import Store
 
 WRITER = textwrap.dedent("""
     import sys
+    from keyring_hardened.config import Config
     from keyring_hardened.store import Store
     home, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with Store.open(home, create=True) as s:
+    # Losing nothing under contention is the point, not latency: on a loaded
+    # machine a writer may wait its turn longer than the default 10 s.
+    with Store.open(home, create=True, config=Config(busy_timeout=120.0)) as s:
         for i in range(count):
             s.set(f"svc-{prefix}", f"user-{i}", f"secret-{prefix}-{i}")
             # Acknowledge only after set() returned, i.e. after COMMIT.

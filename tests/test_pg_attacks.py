@@ -87,8 +87,6 @@ def _get(home: Path, service: str, user: str) -> subprocess.CompletedProcess[str
 # -- a hostile or malformed URL ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a malformed KEYRING_HARDENED_STORAGE_URL is echoed by "
-                   "libpq's parse error, password included, against TEAM-5 (status, get, exit 8)")
 @pytest.mark.parametrize("url", [
     "postgresql://app:hunter2-{c}@[::1]x/vault",
     "postgresql://app:hunter2-{c}%zz@localhost/vault",
@@ -103,8 +101,6 @@ def test_a_malformed_env_url_never_shows_its_password(url: str, tmp_path: Path) 
         _clean(done)
 
 
-@pytest.mark.xfail(strict=True, reason="a URL libpq cannot parse passes check_url and is "
-                   "reported as storage exit 8 on connect, not a usage error exit 2")
 def test_a_malformed_env_url_is_a_usage_error_at_once(tmp_path: Path) -> None:
     home = _home(tmp_path, config='[storage]\nbusy_timeout = "3s"\n')
     start = time.monotonic()
@@ -147,8 +143,6 @@ def test_migrate_storage_refuses_a_symlink_target(tmp_path: Path) -> None:
     assert not elsewhere.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="migrate-storage writes a vault copy into a folder "
-                   "others may write (and so replace it or plant its -wal); TRUST-4 refuses that")
 def test_migrate_storage_refuses_an_others_writable_folder(tmp_path: Path) -> None:
     home = _home(tmp_path)
     Store.init(home).close()
@@ -246,8 +240,6 @@ class _FakeServer:
         self.thread.join(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="a TCP URL without sslmode=verify-full is used as given: "
-                   "a server in the middle asks for the password in clear text and gets it")
 def test_a_server_in_the_middle_never_gets_the_password(tmp_path: Path) -> None:
     helper = tmp_path / "pw.sh"
     helper.write_text(f"#!/bin/sh\necho 'pw-{CANARY}'\n")
@@ -396,18 +388,14 @@ def test_a_refilled_rate_limit_bucket_is_refused(pg_url: str, tmp_path: Path,
     _clean(done)
 
 
-_UNCHECKED = pytest.mark.xfail(strict=True, reason="unlock_throttle is read unchecked: a "
-                               "column retyped to text is an internal error (exit 70), not 3")
-
-
 @pytest.mark.parametrize(("table", "column", "value"), [
     ("audit_events", "mac", "'not-a-mac'"),
     ("secret_versions", "ciphertext", "'planted'"),
     ("credentials", "current_version", "'1; drop'"),
     ("rate_buckets", "tokens", "'lots'"),
     ("seal", "sealed_at", "'soon'"),
-    pytest.param("unlock_throttle", "failures", "'lots'", marks=_UNCHECKED),
-    pytest.param("unlock_throttle", "last_at", "'soon'", marks=_UNCHECKED),
+    ("unlock_throttle", "failures", "'lots'"),
+    ("unlock_throttle", "last_at", "'soon'"),
 ])
 def test_a_column_retyped_to_text_is_damage_not_a_crash(vault: Path, pg_url: str, table: str,
                                                          column: str, value: str) -> None:
@@ -423,6 +411,13 @@ def test_a_column_retyped_to_text_is_damage_not_a_crash(vault: Path, pg_url: str
         db.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE text")
         db.execute(f"UPDATE {table} SET {column} = {value}")
     done = _get(vault, "svc", "alice")
+    if table == "unlock_throttle":
+        # Unauthenticated (no key before unlock): a damaged row reads as the
+        # most cautious state, as on SQLite, never a crash; a key-file vault
+        # has no guesses to slow, so its read goes on.
+        assert done.returncode in (0, 6), (done.returncode, done.stderr)
+        assert "Traceback" not in done.stderr
+        return
     assert done.returncode in (3, 8), (done.returncode, done.stderr)
     assert "alice-secret" not in done.stdout
     _clean(done)
@@ -461,11 +456,7 @@ def test_a_non_finite_float_is_damage_not_a_crash(pg_url: str, tmp_path: Path,
     "UPDATE credentials SET expires_at = 1",
     "UPDATE credentials SET refresh = '\\x00'::bytea",
     "UPDATE audit_anchor SET seq = seq + 1",
-    pytest.param(
-        "DELETE FROM schema_migrations WHERE name = (SELECT max(name) FROM schema_migrations)",
-        marks=pytest.mark.xfail(strict=True, reason="a deleted schema_migrations row makes "
-                                "every client re-run that migration: exit 8 (DuplicateColumn), "
-                                "not 3 naming the damage")),
+    "DELETE FROM schema_migrations WHERE name = (SELECT max(name) FROM schema_migrations)",
 ])
 def test_other_rows_edited_by_a_database_user_are_refused(vault: Path, pg_url: str,
                                                           statement: str) -> None:
@@ -526,9 +517,6 @@ def test_two_vaults_in_two_schemas_do_not_share_rows_or_lock(
         assert done.stdout == f"in-{name}\n"
 
 
-@pytest.mark.xfail(strict=True, reason="a search_path that falls through (URL options, or a "
-                   "schema named after the role) opens the vault in public but locks another "
-                   "schema: two writers on one chain, unserialised")
 @pytest.mark.parametrize("via", ["url-options", "user-schema"])
 def test_a_search_path_that_falls_through_to_another_schema_takes_its_lock(
         vault: Path, pg_url: str, tmp_path: Path, via: str) -> None:
@@ -743,9 +731,10 @@ def test_a_lost_commit_answer_is_reported_and_never_applied_twice(
         assert s.trail.verify().ok
 
 
-@pytest.mark.xfail(strict=True, reason="a server that stops answering mid-transaction (a "
-                   "partition, no RST) hangs the client: no keepalive, tcp_user_timeout or "
-                   "client-side bound; never exit 8")
+@pytest.mark.xfail(strict=True, reason="documented limitation (TEAM-13, teams.md): a server "
+                   "that accepts the connection and then stops answering (hung, or a proxy that "
+                   "stops forwarding) holds the client; TCP keepalives and tcp_user_timeout "
+                   "catch a vanished peer only")
 def test_a_server_that_stops_answering_is_exit_8_in_bounded_time(vault: Path,
                                                                  pg_url: str) -> None:
     staller = _CommitCutter(pg_url, stall=True)
@@ -816,8 +805,6 @@ def test_migrate_from_a_tampered_source_is_refused(vault: Path, pg_url: str,
     _clean(done)
 
 
-@pytest.mark.xfail(strict=True, reason="a migrate-storage that fails its check leaves the "
-                   "unverified copy at the target path (a whole vault.db), not removed")
 def test_a_failed_migrate_leaves_no_copy_behind(vault: Path, pg_url: str,
                                                tmp_path: Path) -> None:
     with _admin(pg_url) as db:

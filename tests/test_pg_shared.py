@@ -270,6 +270,9 @@ def test_status_names_the_server_never_the_password(pg_cluster: PgServer, tmp_pa
     info = json.loads(status.stdout)
     assert info["database"].startswith("postgresql://kh_pw_status@127.0.0.1:")
     assert secret not in status.stdout + status.stderr
+    text = run_cli("status", home=home)
+    assert "storage: postgresql://kh_pw_status@127.0.0.1:" in text.stdout
+    assert secret not in text.stdout + text.stderr
     # A wrong password: exit 8 naming the server, and neither password shown.
     wrong = pg_cluster.tcp_url(dbname_of(url), "kh_pw_status", "wrong-" + CANARY)
     done = run_cli("get", "a", "b", home=home, env={URL: wrong})
