@@ -38,8 +38,11 @@ on the durable default; the second figure shows what the flush costs.
 
 The PostgreSQL vaults are filled fast: one SQLite vault grows through the
 Store API, and ``keyring-hardened migrate-storage --to`` copies it (verified)
-into a fresh database at each size. Each PostgreSQL vault is then read by
-its own home (a copy of the root key only), as another host would.
+into a fresh database at each size. The grown SQLite vault is kept at each
+size in ``bench/results/pg-vaults/`` (per version of the schemas;
+``--no-cache`` fills afresh), so only the first run pays for 100,000
+``Store.set`` calls. Each PostgreSQL vault is then read by its own home (a
+copy of the root key only), as another host would.
 """
 
 from __future__ import annotations
@@ -110,6 +113,28 @@ def grow(home: Path, start: int, stop: int) -> None:
     with opened(home, config=Config()) as s:
         for i in range(start, stop):
             s.set(*_key(i), f"secret-value-{i:08d}")
+
+
+def cache_key() -> str:
+    """Filled vaults are kept per version of the schemas: a new migration fills afresh."""
+    import hashlib
+
+    import keyring_hardened
+
+    package = Path(keyring_hardened.__file__).parent
+    digest = hashlib.sha256()
+    for name in ("schema.py", "pgschema.py"):
+        digest.update((package / name).read_bytes())
+    return f"schema-{digest.hexdigest()[:12]}"
+
+
+def keep(source: Path, kept: Path) -> None:
+    """A copy of the closed SQLite vault at ``source`` for the next run, put in place whole."""
+    kept.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = kept.with_name(kept.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    partial.rename(kept)
 
 
 def host(source: Path, home: Path) -> Path:
@@ -191,6 +216,36 @@ def latency(homes: dict[str, tuple[Path, str | None]], n: int, rounds: int,
         r = out[name]
         print(f"  {name}: get {r['get_ms']:.3f} ms (p95 {r['get_p95_ms']:.3f}), set "
               f"{r['set_ms']:.3f} ms (p95 {r['set_p95_ms']:.3f})", flush=True)
+    return out
+
+
+def floor(url: str, repeat: int) -> dict[str, float]:
+    """Median (ms) of a transaction shaped like an audited get, doing nothing else.
+
+    BEGIN, the advisory lock, three one-row SELECTs, one small INSERT and
+    COMMIT: the seven round trips of an audited get over PostgreSQL, with
+    the commit flushed and then without the wait. What is left of an audited
+    get beyond this is the client's own work (decrypting, the state check,
+    the event's HMAC) and the rows' size.
+    """
+    import psycopg
+
+    out = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (x int)")
+    for label, extra in (("flushed", ""), ("no commit wait", NO_WAIT)):
+        with psycopg.connect(url + extra) as conn:
+            samples = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                conn.execute("SELECT pg_advisory_xact_lock(42)")  # psycopg sends BEGIN first
+                for _ in range(3):
+                    conn.execute("SELECT 1").fetchone()
+                conn.execute("INSERT INTO bench_floor VALUES (1)")
+                conn.commit()
+                samples.append(time.perf_counter() - t)
+        out[label] = statistics.median(samples) * 1000
+        print(f"  seven round trips and a commit, {label}: {out[label]:.3f} ms", flush=True)
     return out
 
 
@@ -307,6 +362,11 @@ def report(args: argparse.Namespace, figs: dict[str, Any]) -> str:
         lines.append(f"| {label} (peer, keyring API, {r['samples']} samples) | "
                      f"{r['get_ms']:.3f} | - | {r['set_ms']:.3f} | - | "
                      f"{r['get_ms'] / base['get_ms']:.1f}x | {r['set_ms'] / base['set_ms']:.1f}x |")
+    fl = figs["floor"]
+    lines += ["", f"The floor over the socket: BEGIN, the advisory lock, three SELECTs, one "
+              f"INSERT, COMMIT (the seven round trips of an audited get, no other work): "
+              f"{fl['flushed']:.3f} ms with the commit flushed, {fl['no commit wait']:.3f} ms "
+              f"without the wait."]
     lines += ["", f"{args.readers} processes reading at once for {args.duration:.0f} s "
               f"(audited gets, each process its own Store):", "",
               "| storage | audited reads/s in total | per process | ratio to SQLite |",
@@ -361,6 +421,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="scaled down: sizes 1,000 and 10,000, fewer rounds, 2 s of reading")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--cache", default=str(Path(__file__).resolve().parent / "results"
+                                               / "pg-vaults"),
+                        help="where the filled SQLite vaults are kept for the next run")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="fill the vaults afresh and keep nothing")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds, args.flat_rounds = "1000,10000", 4, 4
@@ -393,13 +458,25 @@ def main() -> int:
         print("filling (one SQLite vault, migrate-storage into a database per size):",
               flush=True)
         source = tmp / "source"
+        cache = None if args.no_cache else Path(args.cache) / cache_key()
+        if cache is not None:
+            print(f"  filled vaults kept in {cache} (--no-cache: fill afresh)", flush=True)
         urls: dict[int, tuple[str, str]] = {}  # size: (socket URL, TCP URL), as the role's db
         have = 0
         for size in sizes:
             t = time.perf_counter()
-            grow(source, have, size)
+            kept = cache / f"source-{size}" if cache else None
+            if kept is not None and (kept / "vault.db").exists():
+                shutil.rmtree(source, ignore_errors=True)
+                shutil.copytree(kept, source)
+                how = f"copied from {kept}"
+            else:
+                grow(source, have, size)
+                how = "filled"
+                if kept is not None:
+                    keep(source, kept)
             have = size
-            print(f"  N={size:,}: filled in {time.perf_counter() - t:.1f}s", flush=True)
+            print(f"  N={size:,}: {how} in {time.perf_counter() - t:.1f}s", flush=True)
             db = dbname_of(cluster.new_database(owner=ROLE))
             tcp = cluster.tcp_url(db, ROLE)
             migrate(source, tcp)  # the role's tables: the TCP store reads them as the role
@@ -425,6 +502,9 @@ def main() -> int:
             {name: (home if url is None else host(home, tmp / f"lat-{i}"), url)
              for i, (name, home, url) in enumerate(configs)},
             args.n, args.rounds, args.per_round)
+
+        print("the floor: an empty transaction of the same shape, over the socket:", flush=True)
+        figs["floor"] = floor(socket_url, args.rounds * args.per_round // 2)
 
         print(f"{args.readers} processes reading at once for {args.duration:.0f}s, "
               f"N={args.n:,}:", flush=True)
