@@ -149,7 +149,7 @@ class PostgresEngine:
         if "require_auth" not in self.url and psycopg.pq.version() >= 160000:
             # Never send the password in clear text, whatever the server asks:
             # a server in the middle of a connection without verify-full would
-            # get it (trust, peer, md5-free SCRAM and certificates still work).
+            # get it (trust, peer, SCRAM, md5 and certificates still work).
             kwargs["require_auth"] = "!password"
         if self._password is not None:
             if self._secret is None:

@@ -68,8 +68,8 @@ def test_the_port_names_what_the_core_uses_and_no_engine_internals() -> None:
     members = set(_members(Storage))
     assert {"transaction", "snapshot", "append_event", "audit_head", "put_lease",
             "put_buckets", "versions", "nodes"} <= members
-    assert not {"open", "create", "open_copy", "create_from"} & members  # the Engine's
-    assert set(_members(Engine)) == {"open", "open_copy", "create", "create_from"}
+    assert not {"open", "create", "open_copy", "create_from", "discard"} & members
+    assert set(_members(Engine)) == {"open", "open_copy", "create", "create_from", "discard"}
 
 
 def test_sqlite_is_the_default_and_a_url_selects_postgresql(
