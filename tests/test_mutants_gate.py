@@ -94,17 +94,29 @@ def matched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return names
 
 
-def test_a_repeated_request_matches_no_glob_again(seeded: Path, matched: list[str]) -> None:
+def test_a_repeated_request_matches_no_glob_again(seeded: Path, matched: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    named: list[object] = []
+    real = gate.bucket_rule
+
+    def naming(rule: access.RateLimit) -> str:
+        named.append(rule)
+        return real(rule)
+
+    monkeypatch.setattr(gate, "bucket_rule", naming)
     clock = Clock()
     with _open(seeded, "app", POLICIES + LIMIT, clock) as s:
         assert s.get("ci/a", "deploy").reveal() == "ci/a-token"
         first = list(matched)
         assert "app" in first  # the actor's globs were matched
         assert "ci/a" in first  # and the services'
+        assert named  # and the buckets named
         matched.clear()
+        named.clear()
         clock.now += 10
         assert s.get("ci/a", "deploy").reveal() == "ci/a-token"
         assert matched == []  # the same request: decided from the session's cache
+        assert named == []  # and its buckets' names, and the rules by name, too
 
 
 def test_an_actors_globs_are_matched_once_then_only_services(seeded: Path,
