@@ -19,7 +19,7 @@ import pytest
 
 from keyring_hardened import access, gate
 from keyring_hardened.config import Config
-from keyring_hardened.errors import DeniedError, NotFoundError, RateLimitedError
+from keyring_hardened.errors import DeniedError, LockedError, NotFoundError, RateLimitedError
 from keyring_hardened.store import Store
 
 POLICIES = """
@@ -218,3 +218,14 @@ def test_tokens_taken_stay_taken_when_the_operation_fails(seeded: Path) -> None:
     (119.4, "119 s"), (120.0, "2 min"), (120.5, "2 min"), (3600.0, "60 min")])
 def test_a_wait_is_shown_as_a_person_reads_it(seconds: float, shown: str) -> None:
     assert gate._wait(seconds) == shown
+
+
+def test_a_sealed_vaults_refusal_names_when_and_by_whom(seeded: Path) -> None:
+    clock = Clock(1_800_000_000.0)  # 2027-01-15T08:00:00Z
+    with Store.open(seeded, actor="ops", clock=clock) as s:
+        s.seal()
+        clock.now += 3600
+        with pytest.raises(LockedError) as info:
+            s.get("ci/a", "deploy")
+    assert info.value.reason == "sealed"
+    assert "the vault is sealed (since 2027-01-15T08:00:00Z, by ops)" in str(info.value)
