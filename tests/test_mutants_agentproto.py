@@ -184,8 +184,9 @@ def test_a_frame_of_exactly_max_frame_bytes_goes_one_more_is_refused() -> None:
         send_frame(a, fits)
         thread.join(30)
         assert got == [fits]
-        with pytest.raises(UsageError, match="too large"):
+        with pytest.raises(UsageError) as info:
             send_frame(a, {"s": "x" * (MAX_FRAME - 7)})
+        assert str(info.value) == "the request is too large for the agent"
         # Nothing of the refused frame was sent.
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
@@ -280,6 +281,23 @@ def test_a_slow_body_is_cut_off_after_the_timeout_for_the_whole_body() -> None:
         finally:
             stop.set()
             sender.join(10)
+
+
+def test_a_sender_that_stalls_mid_body_is_cut_off_at_the_deadline() -> None:
+    # Not only between reads: a read that waits for a stalled sender ends at the deadline.
+    a, b = _pair()
+    with b:
+        a.sendall(struct.pack(">I", 100) + b'"abc')
+        closer = threading.Timer(3.0, a.close)  # stalled for 3 s, then gone
+        closer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError):
+                recv_frame(b, body_timeout=0.5)
+            assert time.monotonic() - started < 2.5
+        finally:
+            closer.cancel()
+            a.close()
 
 
 def test_a_slow_length_is_not_cut_off() -> None:
@@ -403,6 +421,8 @@ def test_close_and_a_fork_make_a_new_connection(run_dir: Path) -> None:
         assert agent.connections == 3
         assert client._pid == os.getpid()
         assert repr(client) == f"AgentStore(socket={str(agent.path)!r})"
+        # Store's surface: the CLI reads .location of whichever store it got.
+        assert client.location == Location.resolve(run_dir)
 
 
 def test_a_broken_connection_is_made_again_once(run_dir: Path) -> None:
