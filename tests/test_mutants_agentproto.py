@@ -708,6 +708,7 @@ def test_connect_pings_with_the_declared_actor_and_returns_the_client(home: Path
         assert client is not None
         with client:
             assert client.path == agent.path
+            assert client.location == location
             assert client.request("status") == "pong"
     assert agent.received == [{"v": 1, "op": "ping", "declared": "ci-runner"},
                               {"v": 1, "op": "status", "declared": "ci-runner"}]
