@@ -229,3 +229,18 @@ def test_a_sealed_vaults_refusal_names_when_and_by_whom(seeded: Path) -> None:
             s.get("ci/a", "deploy")
     assert info.value.reason == "sealed"
     assert "the vault is sealed (since 2027-01-15T08:00:00Z, by ops)" in str(info.value)
+
+
+def test_admin_is_judged_over_the_whole_vault(seeded: Path) -> None:
+    # Admin is over the whole vault, matched as the service "*": a rule for some
+    # services never grants it; one whose glob matches "*" (such as "?") does.
+    text = ('default_policy = "deny"\n[[policies]]\nactors = ["app"]\nservices = ["ci/*"]\n'
+            'allow = ["*"]\n')
+    clock = Clock()
+    with _open(seeded, "app", text, clock) as s:
+        with pytest.raises(DeniedError) as info:
+            s.keys.rotate()
+        assert "actor 'app' may not admin the whole vault" in str(info.value)
+        assert s.get("ci/a", "deploy").reveal() == "ci/a-token"
+    with _open(seeded, "app", text.replace('"ci/*"', '"?"'), clock) as s:
+        assert s.keys.rotate() == 2
