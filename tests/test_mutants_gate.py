@@ -244,3 +244,23 @@ def test_admin_is_judged_over_the_whole_vault(seeded: Path) -> None:
         assert s.get("ci/a", "deploy").reveal() == "ci/a-token"
     with _open(seeded, "app", text.replace('"ci/*"', '"?"'), clock) as s:
         assert s.keys.rotate() == 2
+
+
+def test_an_imported_entry_is_judged_as_admin_over_the_whole_vault(seeded: Path) -> None:
+    # Each imported entry is an admin request, and admin is over the whole vault:
+    # a rule about the entry's service neither grants nor denies it.
+    text = POLICIES + ('[[policies]]\nactors = ["ops"]\nservices = ["ci/*"]\n'
+                       'deny = ["admin"]\n')
+    with _open(seeded, "ops", text, Clock()) as s:
+        assert s.import_secret("ci/new", "u", "v", source="old") == ("imported", 1)
+
+
+def test_a_rate_limit_refusal_names_every_rule_that_refused(seeded: Path) -> None:
+    both = LIMIT + LIMIT.replace('services = ["ci/*"]', 'services = ["ci/a"]')
+    clock = Clock()
+    with _open(seeded, "app", POLICIES + both, clock) as s:
+        s.get("ci/a", "deploy")
+        s.get("ci/a", "deploy")
+        with pytest.raises(RateLimitedError) as info:
+            s.get("ci/a", "deploy")
+    assert "(rate_limits[0], rate_limits[1]); retry in 10 s" in str(info.value)
