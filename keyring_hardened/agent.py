@@ -41,7 +41,8 @@ CONNECTION_IDLE = 300.0
 #: Connections served at once; more are closed at once (the limit of open files
 #: and threads must not be reachable by holding connections open).
 MAX_CONNECTIONS = 64
-_PEERCRED = struct.Struct("3i")
+#: struct ucred: pid_t (signed), uid_t and gid_t (unsigned).
+_PEERCRED = struct.Struct("iII")
 #: SO_PEERGROUPS (Linux 4.13): the supplementary groups of the connecting process.
 _SO_PEERGROUPS = 59
 _OPS = ("get", "set", "delete", "rollback", "usernames", "list", "history")

@@ -277,8 +277,10 @@ def _check_server(sock: socket.socket, path: Path) -> None:
     if not hasattr(socket, "SO_PEERCRED"):  # pragma: no cover - the agent is Linux only
         raise LockedError("this platform cannot check who answers on the agent socket",
                           "agent-untrusted")
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
+    # struct ucred: pid_t (signed), uid_t and gid_t (unsigned: a uid of 2**31
+    # or more must not read as negative and refuse the caller's own agent).
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    _pid, uid, _gid = struct.unpack("iII", raw)
     if uid == os.getuid():
         return
     try:
@@ -324,8 +326,9 @@ def connect(location: Location, declared: str | None = None) -> AgentStore | Non
     store = AgentStore(path, location, declared)
     try:
         store.request("ping")
-    except LockedError as exc:
-        if exc.reason != "agent-down":
+    except BaseException as exc:
+        store.close()  # whatever the answer, this connection is not handed out
+        if not isinstance(exc, LockedError) or exc.reason != "agent-down":
             raise  # a locked agent answers: its refusal is the answer
         try:
             key_file_mode = location.key_file.exists()

@@ -652,9 +652,6 @@ def test_an_agent_of_a_uid_that_owns_neither_socket_nor_folder_is_refused(
         agentproto._check_server(sock, agent.path)  # the caller's own: trusted
 
 
-@pytest.mark.xfail(strict=True, reason="SO_PEERCRED's uid is unpacked as a signed int "
-                   "('3i'): a uid of 2**31 or more reads negative, so the caller's own agent "
-                   "is refused as another user's (struct ucred's uid_t is unsigned: 'iII')")
 def test_the_callers_own_agent_is_trusted_for_a_uid_of_2_31_or_more(
         run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     big = 2**31 + 5  # a valid Linux uid (uid_t is 32 bits, unsigned)
@@ -760,9 +757,6 @@ def test_a_file_that_is_not_a_socket_means_direct_mode(home: Path) -> None:
     assert connect(location) is None
 
 
-# connect() leaves the connection of a refused ping open (see the xfail test
-# below): the socket is closed only when the exception is collected.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_a_locked_agents_refusal_is_the_answer(home: Path) -> None:
     location = _key_file_vault(home)
     refusal = {"v": 1, "ok": False, "error": {"kind": "locked", "message": "agent is locked",
@@ -776,10 +770,6 @@ def test_a_locked_agents_refusal_is_the_answer(home: Path) -> None:
         gc.collect()
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.xfail(strict=True, reason="connect() does not close its AgentStore when the "
-                   "agent's answer to ping is an error other than agent-down: the socket "
-                   "stays open until the exception is garbage-collected")
 def test_connect_closes_the_connection_of_a_refused_ping(home: Path) -> None:
     location = _key_file_vault(home)
     closed = threading.Event()
