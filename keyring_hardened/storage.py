@@ -28,7 +28,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,45 @@ class SQLiteStorage:
         Returns False, leaving everything as it was, when a vault already
         exists there (another process may have won the race).
         """
+        def fill(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier,"
+                         " vault_key, generation, state_version)"
+                         " VALUES (1, ?, ?, ?, ?, ?, ?, ?)", vault)
+            conn.execute("INSERT INTO keks (version, state, created_at, wrapped, wrap_count) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (kek.version, kek.state, kek.created_at, kek.wrapped, kek.wrap_count))
+            conn.executemany("INSERT INTO state_nodes (level, idx, hashes) VALUES (?, ?, ?)",
+                             [(level, idx, blob) for (level, idx), blob in nodes.items()])
+            conn.execute(_INSERT_EVENT, event)
+
+        return cls._build(path, fill)
+
+    @classmethod
+    def create_from(cls, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
+        """Create a vault at ``path`` holding exactly ``rows`` (migrate-storage), atomically.
+
+        Returns False, changing nothing, when ``path`` exists.
+        """
+        if os.path.lexists(path):
+            return False
+
+        def fill(conn: sqlite3.Connection) -> None:
+            for table, columns in TABLE_COLUMNS.items():
+                # Names from the constant map, never from input.
+                conn.execute(f"DELETE FROM {table}")  # noqa: S608 - the anchor's default row
+                conn.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES"  # noqa: S608
+                    f" ({', '.join('?' * len(columns))})", rows.get(table, []))
+
+        return cls._build(path, fill)
+
+    @staticmethod
+    def _build(path: Path, fill: Callable[[sqlite3.Connection], None]) -> bool:
+        """Build a vault under a temporary name, ``fill`` it, and hard-link it into place.
+
+        So ``path`` either does not exist or is a complete vault; False,
+        changing nothing, when something exists there already.
+        """
         tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
         try:
             # O_EXCL never follows a link, and the random name cannot be planted ahead.
@@ -240,71 +279,13 @@ class SQLiteStorage:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute("BEGIN IMMEDIATE")
                 _apply_migrations(conn)
-                conn.execute("INSERT INTO vault (id, vault_id, created_at, kdf, verifier,"
-                             " vault_key, generation, state_version)"
-                             " VALUES (1, ?, ?, ?, ?, ?, ?, ?)", vault)
-                conn.execute("INSERT INTO keks (version, state, created_at, wrapped, wrap_count) "
-                             "VALUES (?, ?, ?, ?, ?)",
-                             (kek.version, kek.state, kek.created_at, kek.wrapped, kek.wrap_count))
-                conn.executemany("INSERT INTO state_nodes (level, idx, hashes) VALUES (?, ?, ?)",
-                                 [(level, idx, blob) for (level, idx), blob in nodes.items()])
-                conn.execute(_INSERT_EVENT, event)
+                fill(conn)
                 conn.execute("COMMIT")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 conn.close()
             fsync_file(tmp)
             crash_point("create-before-link")
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            fsync_dir(path.parent)
-            return True
-        except sqlite3.Error as exc:
-            raise _translate(exc, path) from None
-        except OSError as exc:
-            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
-        finally:
-            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
-
-    @classmethod
-    def create_from(cls, path: Path, rows: Mapping[str, list[tuple[Any, ...]]]) -> bool:
-        """Create a vault at ``path`` holding exactly ``rows`` (migrate-storage), atomically.
-
-        Built under a temporary name and linked into place like
-        :meth:`create`; returns False, changing nothing, when ``path`` exists.
-        """
-        if os.path.lexists(path):
-            return False
-        tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            os.fchmod(fd, 0o600)
-            os.close(fd)
-        except OSError as exc:
-            raise StorageError(f"cannot create vault database {path}: {exc.strerror}") from None
-        try:
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute("BEGIN IMMEDIATE")
-                _apply_migrations(conn)
-                for table, columns in TABLE_COLUMNS.items():
-                    # Names from the constant map above, never from input.
-                    conn.execute(f"DELETE FROM {table}")  # noqa: S608 - the anchor's default row
-                    conn.executemany(
-                        f"INSERT INTO {table} ({', '.join(columns)}) VALUES"  # noqa: S608
-                        f" ({', '.join('?' * len(columns))})", rows.get(table, []))
-                conn.execute("COMMIT")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
-            fsync_file(tmp)
             try:
                 os.link(tmp, path)
             except FileExistsError:
