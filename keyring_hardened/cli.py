@@ -346,7 +346,12 @@ def _vault_exists(home: Any) -> bool:
     from .location import Location
 
     location = Location.resolve(home)
-    config = load_config(location.config_file, location.config_required)
+    try:
+        config = load_config(location.config_file, location.config_required)
+    except HardenedError:
+        # Reported by the open that follows, if it reads the config; an agent
+        # that serves the vault does not, and then nothing was created here.
+        return shared(None) or _exists(location.database)
     if not shared(config):
         return _exists(location.database)
     return vault_exists(location, config)

@@ -197,3 +197,19 @@ def test_rows_of_the_wrong_type_are_damage() -> None:
         _typed((1, "2"), (int, float), "x")
     with pytest.raises(IntegrityError):
         _typed((1, True), (int, float), "x")
+
+
+def test_set_with_a_broken_config_is_exit_2_naming_it(tmp_path: Path) -> None:
+    from keyring_hardened.store import Store
+
+    from .conftest import run_cli
+
+    home = tmp_path / "vault"
+    Store.init(home).close()
+    config = home / "config.toml"
+    config.write_text("max_versions = 'many'\n")
+    config.chmod(0o600)
+    done = run_cli("set", "svc", "u", stdin="v", home=home)
+    assert done.returncode == 2
+    assert "max_versions" in done.stderr
+    assert "created a new" not in done.stderr
