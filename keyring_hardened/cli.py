@@ -237,7 +237,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     ahead = (parse_duration(args.refresh_ahead, "--refresh-ahead")
              if args.refresh_ahead is not None else None)
     secret = _read_secret(args)
-    existed = _vault_exists(args.home)
+    existed = _vault_exists(args.home, lenient=True)
     # The agent protocol does not carry a refresher (its spec is a secret of
     # its own): a set that attaches one opens the vault here.
     opener = _open if refresher is not None or ahead is not None else _credentials
@@ -339,8 +339,12 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vault_exists(home: Any) -> bool:
-    """Whether the vault exists where ``home``'s config puts it (PostgreSQL: asks the server)."""
+def _vault_exists(home: Any, lenient: bool = False) -> bool:
+    """Whether the vault exists where ``home``'s config puts it (PostgreSQL: asks the server).
+
+    ``lenient``: a config that cannot be read is left to the open that
+    follows (set, import); otherwise (status) it is the error reported.
+    """
     from .config import load_config
     from .engines import shared, vault_exists
     from .location import Location
@@ -349,6 +353,8 @@ def _vault_exists(home: Any) -> bool:
     try:
         config = load_config(location.config_file, location.config_required)
     except HardenedError:
+        if not lenient:
+            raise
         # Reported by the open that follows, if it reads the config; an agent
         # that serves the vault does not, and then nothing was created here.
         return shared(None) or _exists(location.database)
@@ -984,7 +990,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
             def progress(done: int, total: int) -> None:
                 bar.update(done - bar.n)
-    existed = _vault_exists(args.home)
+    existed = _vault_exists(args.home, lenient=True)
     try:
         # Like a first set, a first import makes a key-file vault (never a dry run).
         with _open(args, create=not args.dry_run) as store:
