@@ -13,11 +13,9 @@ This module imports no driver: it is handed the connection.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .errors import UsageError
+from .schema import apply_pending
 
 __all__ = ["PG_MIGRATIONS", "TABLES", "apply_pg_migrations"]
 
@@ -169,12 +167,6 @@ MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
-def applied(conn: Connection) -> set[str]:
-    """Names of the migrations a vault records."""
-    rows: Iterable[Any] = conn.execute("SELECT name FROM schema_migrations").fetchall()
-    return {r[0] for r in rows}
-
-
 def apply_pg_migrations(conn: Connection,
                         migrations: tuple[tuple[str, tuple[str, ...]], ...] = PG_MIGRATIONS
                         ) -> None:
@@ -183,16 +175,5 @@ def apply_pg_migrations(conn: Connection,
     Raises :class:`UsageError` when the vault records a migration not in
     ``migrations`` (a newer keyring-hardened wrote it).
     """
-    conn.execute(MIGRATIONS_TABLE)
-    done = applied(conn)
-    unknown = done - {name for name, _ in migrations}
-    if unknown:
-        raise UsageError(f"vault has migrations this keyring-hardened does not know "
-                         f"({', '.join(sorted(unknown))}); upgrade it")
-    for name, statements in migrations:
-        if name in done:
-            continue
-        for statement in statements:
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (%s, %s)",
-                     (name, time.time()))
+    apply_pending(conn, migrations, MIGRATIONS_TABLE,
+                  "INSERT INTO schema_migrations (name, applied_at) VALUES (%s, %s)")

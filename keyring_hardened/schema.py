@@ -224,17 +224,19 @@ _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
-def apply_migrations(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
-    """Apply pending ``migrations`` inside the caller's write transaction.
+def apply_pending(conn: Connection, migrations: tuple[Migration, ...], records_table: str,
+                  record: str) -> None:
+    """Apply the ``migrations`` a vault does not record yet, each with its record.
 
-    Each is recorded by name and time in ``schema_migrations``, in the same
-    transaction as its statements; ``user_version`` then counts them, for
-    the quick check at open.
+    The rules both engines share (pgschema.py calls this with PostgreSQL's
+    DDL): ``records_table`` creates ``schema_migrations`` if it is missing,
+    ``record`` inserts one (name, time) row in the driver's parameter
+    style. Runs inside the caller's write transaction, so a migration and
+    its record commit together.
     Raises :class:`UsageError` when the vault records a migration not in
-    ``migrations``: a newer keyring-hardened wrote it, and guessing how to
-    read its rows could corrupt them.
+    ``migrations``: a newer keyring-hardened wrote it.
     """
-    conn.execute(_MIGRATIONS_TABLE)
+    conn.execute(records_table)
     done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
     unknown = done - {name for name, _ in migrations}
     if unknown:
@@ -245,6 +247,19 @@ def apply_migrations(conn: Connection, migrations: tuple[Migration, ...] = MIGRA
             continue
         for statement in statements:
             conn.execute(statement)
-        conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                     (name, time.time()))
+        conn.execute(record, (name, time.time()))
+
+
+def apply_migrations(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
+    """Apply pending ``migrations`` inside the caller's write transaction.
+
+    Each is recorded by name and time in ``schema_migrations``, in the same
+    transaction as its statements; ``user_version`` then counts them, for
+    the quick check at open.
+    Raises :class:`UsageError` when the vault records a migration not in
+    ``migrations``: a newer keyring-hardened wrote it, and guessing how to
+    read its rows could corrupt them.
+    """
+    apply_pending(conn, migrations, _MIGRATIONS_TABLE,
+                  "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)")
     conn.execute(f"PRAGMA user_version = {len(migrations)}")
