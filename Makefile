@@ -57,7 +57,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m coverage report --include='ansible_collection/*'
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check keyring_hardened tests bench demo
+	$(VENV)/bin/ruff check keyring_hardened tests bench demo mutate
 	$(VENV)/bin/mypy
 
 bench: $(BENCH_VENV)/.installed

@@ -62,21 +62,25 @@ def _in_stats_run() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """In the stats run, note which tests start child processes."""
     if _in_stats_run():
         subprocess.Popen.__init__ = _recording_popen_init  # type: ignore[method-assign]
 
 
 def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
+    """Remember the test now running (stats run), to charge its child processes to it."""
     if _in_stats_run():
         _current.append(_nodeid(nodeid))
 
 
 def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    """Forget the test that has finished (stats run)."""
     if _in_stats_run() and _current:
         _current.pop()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Write the tests that started child processes, at the end of the stats run."""
     if not _in_stats_run():
         return
     subprocess.Popen.__init__ = _original_popen_init  # type: ignore[method-assign]
@@ -87,6 +91,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a broad function's mutant run, deselect the tests that start child processes."""
     mutant = _phase("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant or _phase("MUTATE_FOCUS", "") == "off":
         return

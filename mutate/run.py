@@ -22,13 +22,25 @@ Usage (from the repository root, with the mutate venv's python)::
     python mutate/run.py envelope audit     # some modules only
     python mutate/run.py --report-only      # the report of the last run
     python mutate/run.py --out report.md    # also write the report to a file
+    python mutate/run.py --sample 60 store  # 60 of store.py's mutants, drawn at random
+
+A module too large to run whole on this machine (store.py, session.py and
+refresh.py: thousands of mutants, most in functions hundreds of tests
+cover) is measured by a sample: ``--sample N`` draws N of its mutants
+uniformly at random (``random.Random(--seed)``, so a report can be redone
+and checked), runs those only, and reports the kill rate over the sample
+with its 95% Wilson interval. The sample is drawn from the names mutmut
+generated, so ``mutants/`` must hold them: any earlier ``mutmut run``
+(even one stopped after its generation step) made them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -109,10 +121,34 @@ def results(module: str) -> dict[str, str]:
     return {name: status_of(code) for name, code in data["exit_code_by_key"].items()}
 
 
-def tally(module: str, equivalent: dict[str, str]) -> Tally:
-    """Count one module's mutants by status, setting equivalent survivors apart."""
+def draw(module: str, size: int, seed: int) -> list[str]:
+    """``size`` of ``module``'s generated mutants, drawn uniformly at random (seeded)."""
+    names = sorted(results(module))
+    if not names:
+        raise SystemExit(f"no mutants of {module}.py in mutants/: run mutmut once first "
+                         "(its generation step makes every module's mutants)")
+    # A seeded, repeatable draw is the point here (a report others can redo),
+    # not unpredictability: random.Random, not secrets.
+    rng = random.Random(f"{seed}:{module}")  # noqa: S311
+    return sorted(rng.sample(names, min(size, len(names))))
+
+
+def wilson(detected: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a kill rate measured on a sample of n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = detected / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n))
+
+
+def tally(module: str, equivalent: dict[str, str], only: set[str] | None = None) -> Tally:
+    """Count one module's mutants (or those in ``only``) by status, equivalents apart."""
     t = Tally()
     for name, status in sorted(results(module).items()):
+        if only is not None and name not in only:
+            continue
         t.total += 1
         if status == "killed":
             t.killed += 1
@@ -134,16 +170,29 @@ def tally(module: str, equivalent: dict[str, str]) -> Tally:
     return t
 
 
-def report(modules: list[str], equivalent: dict[str, str]) -> str:
-    """The Markdown report: one row a module, then what is left to explain."""
+def report(modules: list[str], equivalent: dict[str, str],
+           samples: dict[str, list[str]] | None = None) -> str:
+    """The Markdown report: one row a module, then what is left to explain.
+
+    A module in ``samples`` is counted over its sample only, and its row
+    names the sample's size and the rate's 95% Wilson interval.
+    """
+    samples = samples or {}
     lines = ["| module | mutants | killed | survived | timeout | no tests | other | "
              "equivalent | kill rate* |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     whole = Tally()
-    tallies = {m: tally(m, equivalent) for m in modules}
+    tallies = {m: tally(m, equivalent, set(samples[m]) if m in samples else None)
+               for m in modules}
     for module, t in tallies.items():
         rate = f"{t.rate:.1%}" if t.rate is not None else "-"
-        lines.append(f"| {module}.py | {t.total} | {t.killed} | {t.survived} | {t.timeout} | "
+        label = f"{module}.py"
+        if module in samples:
+            scored = t.total - t.equivalent - t.not_checked
+            low, high = wilson(t.detected, scored)
+            label += f" (sample of {len(samples[module])} in {len(results(module))})"
+            rate += f" ({low:.1%}-{high:.1%})"
+        lines.append(f"| {label} | {t.total} | {t.killed} | {t.survived} | {t.timeout} | "
                      f"{t.no_tests} | {t.other} | {t.equivalent} | {rate} |")
         for name in ("total", "killed", "survived", "timeout", "no_tests", "not_checked",
                      "other", "equivalent"):
@@ -155,13 +204,18 @@ def report(modules: list[str], equivalent: dict[str, str]) -> str:
                  f"**{rate}** |")
     lines += ["", "\\* (killed + timeout) / (mutants - equivalent); a survivor, a mutant no "
               "test reaches (no tests) and any other outcome count against it."]
+    if samples:
+        lines += ["", "A sampled row counts its sample only; the bracket is the rate's 95% "
+                  "Wilson interval."]
     if whole.not_checked:
         lines += ["", f"{whole.not_checked} mutants were not checked (the run was stopped)."]
     known = {name for m in modules for name in results(m)}
+    stale_scope = {m for m in modules if m not in samples}
     stale = [name for name in equivalent
-             if name.split(".")[1] in modules and name not in known]
+             if name.split(".")[1] in stale_scope and name not in known]
     killed_listed = [name for m in modules for name, s in results(m).items()
-                     if name in equivalent and s in ("killed", "timeout")]
+                     if name in equivalent and s in ("killed", "timeout")
+                     and (m not in samples or name in samples[m])]
     if stale or killed_listed:
         lines += ["", "Stale entries in mutate/equivalent.txt (no such mutant, or killed now):"]
         lines += [f"- {name}" for name in stale + killed_listed]
@@ -180,19 +234,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="print the report of the last run without running anything")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="run and report N mutants of each module, drawn at random")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the sample's seed (default 0): the same seed draws the same sample")
     args = parser.parse_args(argv)
+    if args.sample is not None and args.sample < 1:
+        parser.error("--sample must be at least 1")
     modules = args.modules or list(MODULES)
     unknown = sorted(set(modules) - set(MODULES))
     if unknown:
         parser.error(f"not a security-core module: {', '.join(unknown)}")
     os.chdir(ROOT)
     equivalent = load_equivalent()
+    samples = ({m: draw(m, args.sample, args.seed) for m in modules}
+               if args.sample is not None else {})
     started = time.monotonic()
     if not args.report_only:
         mutmut = Path(sys.executable).parent / "mutmut"
         # Named mutants are always run again; with no names mutmut runs every
         # module and re-tests only mutants whose function or tests changed.
-        globs = [] if set(modules) == set(MODULES) else [f"{PACKAGE}.{m}.*" for m in modules]
+        if samples:
+            globs = [name for names in samples.values() for name in names]
+        elif set(modules) == set(MODULES):
+            globs = []
+        else:
+            globs = [f"{PACKAGE}.{m}.*" for m in modules]
         # mutmut's own exit status says nothing about survivors; the report does.
         # The mutated modules are large (every mutant sits beside the original):
         # let Python cache their bytecode, or each CLI test's process compiles
@@ -200,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         subprocess.run([str(mutmut), "run", "--max-children", MAX_CHILDREN, *globs],  # noqa: S603
                        check=False, env=env)
-    text = report(modules, equivalent)
+    text = report(modules, equivalent, samples)
     if not args.report_only:
         text += f"\n\nWall time of this run: {time.monotonic() - started:.0f} s."
     print("\n" + text)
