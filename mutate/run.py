@@ -22,16 +22,19 @@ Usage (from the repository root, with the mutate venv's python)::
     python mutate/run.py envelope audit     # some modules only
     python mutate/run.py --report-only      # the report of the last run
     python mutate/run.py --out report.md    # also write the report to a file
-    python mutate/run.py --sample 60 store  # 60 of store.py's mutants, drawn at random
+    python mutate/run.py --sample 80 store agent  # 80 of store.py's, all of agent.py's
 
-A module too large to run whole on this machine (store.py, session.py and
-refresh.py: thousands of mutants, most in functions hundreds of tests
-cover) is measured by a sample: ``--sample N`` draws N of its mutants
-uniformly at random (``random.Random(--seed)``, so a report can be redone
-and checked), runs those only, and reports the kill rate over the sample
-with its 95% Wilson interval. The sample is drawn from the names mutmut
-generated, so ``mutants/`` must hold them: any earlier ``mutmut run``
-(even one stopped after its generation step) made them.
+The modules too large to run whole on this machine (``SAMPLED``: store.py,
+session.py and refresh.py, thousands of mutants, most in functions hundreds
+of tests cover) can be measured by a sample: with ``--sample N``, each of
+them that is named gets N of its mutants drawn uniformly at random
+(``random.Random(--seed)``, so a report can be redone and checked), runs
+those only, and is reported over the sample with the kill rate's 95% Wilson
+interval. Other modules named beside them run whole. A larger sample of the
+same seed holds the smaller one, and only the sample's mutants not checked
+yet are run, so a sample can be grown. The sample is drawn from the names
+mutmut generated, so ``mutants/`` must hold them: any earlier ``mutmut
+run`` (even one stopped after its generation step) made them.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ PACKAGE = "keyring_hardened"
 #: The security core, in the order the issue asks for when time is short.
 MODULES = ("envelope", "_aead", "audit", "state", "rootkey", "trail", "keys", "rekeyjournal",
            "store", "session", "operation", "access", "refresh", "gate", "agentproto", "agent")
+#: Too large to run whole here: ``--sample`` measures these by a random sample.
+SAMPLED = ("store", "session", "refresh")
 EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
 #: At most two workers: the machine has two cores and is shared.
 MAX_CHILDREN = "2"
@@ -128,9 +133,12 @@ def draw(module: str, size: int, seed: int) -> list[str]:
         raise SystemExit(f"no mutants of {module}.py in mutants/: run mutmut once first "
                          "(its generation step makes every module's mutants)")
     # A seeded, repeatable draw is the point here (a report others can redo),
-    # not unpredictability: random.Random, not secrets.
+    # not unpredictability: random.Random, not secrets. One shuffle of every
+    # name, then its first ``size``: a larger sample of the same seed holds the
+    # smaller one, so a sample can be grown with the results already in hand.
     rng = random.Random(f"{seed}:{module}")  # noqa: S311
-    return sorted(rng.sample(names, min(size, len(names))))
+    rng.shuffle(names)
+    return sorted(names[:size])
 
 
 def wilson(detected: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the report of the last run without running anything")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--sample", type=int, metavar="N",
-                        help="run and report N mutants of each module, drawn at random")
+                        help=f"run and report N mutants, drawn at random, of each of "
+                        f"{', '.join(SAMPLED)} named (other modules run whole)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the sample's seed (default 0): the same seed draws the same sample")
     args = parser.parse_args(argv)
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not a security-core module: {', '.join(unknown)}")
     os.chdir(ROOT)
     equivalent = load_equivalent()
-    samples = ({m: draw(m, args.sample, args.seed) for m in modules}
+    samples = ({m: draw(m, args.sample, args.seed) for m in modules if m in SAMPLED}
                if args.sample is not None else {})
     started = time.monotonic()
     if not args.report_only:
@@ -255,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         # Named mutants are always run again; with no names mutmut runs every
         # module and re-tests only mutants whose function or tests changed.
         if samples:
-            globs = [name for names in samples.values() for name in names]
+            # Only the sample's mutants not checked yet: named mutants are
+            # always run again, and a grown sample keeps the results in hand.
+            globs = [name for m, names in samples.items()
+                     for status in (results(m),) for name in names
+                     if status[name] == "not checked"]
+            globs += [f"{PACKAGE}.{m}.*" for m in modules if m not in samples]
         elif set(modules) == set(MODULES):
             globs = []
         else:
@@ -265,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         # let Python cache their bytecode, or each CLI test's process compiles
         # them again (seconds each).
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        subprocess.run([str(mutmut), "run", "--max-children", MAX_CHILDREN, *globs],  # noqa: S603
-                       check=False, env=env)
+        if globs or not samples:
+            subprocess.run([str(mutmut), "run", "--max-children", MAX_CHILDREN,  # noqa: S603
+                            *globs], check=False, env=env)
     text = report(modules, equivalent, samples)
     if not args.report_only:
         text += f"\n\nWall time of this run: {time.monotonic() - started:.0f} s."

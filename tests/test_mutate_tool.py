@@ -66,6 +66,8 @@ def test_a_sample_is_repeatable_and_depends_on_seed_and_module(run: ModuleType,
     assert len(set(first)) == 20
     assert first != run.draw("store", 20, 1)
     assert [n.split(".")[2] for n in first] != [n.split(".")[2] for n in run.draw("session", 20, 0)]
+    # A larger sample of the same seed holds the smaller one.
+    assert set(first) < set(run.draw("store", 50, 0))
     # Asking for more than there are draws them all.
     assert len(run.draw("store", 500, 0)) == 200
 
@@ -112,3 +114,26 @@ def test_a_whole_row_counts_everything_and_names_stale_entries(run: ModuleType,
     assert "x_f__mutmut_99" in text
     assert "x_f__mutmut_1\n" in text + "\n"
     assert "1 mutants were not checked" in text
+
+
+def test_sample_mode_names_unchecked_sample_mutants_and_whole_other_modules(
+    run: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _meta(tmp_path, "store", {str(n): (1 if n < 50 else None) for n in range(100)})
+    _meta(tmp_path, "agent", {"1": None})
+    calls: list[list[str]] = []
+    monkeypatch.setattr(run.subprocess, "run", lambda argv, **_: calls.append(argv))
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--sample", "10", "store", "agent"]) == 0
+    (argv,) = calls
+    named = [a for a in argv if a.startswith("keyring_hardened.store.")]
+    sample = run.draw("store", 10, 0)
+    # Only the sample's mutants not yet checked are named; agent runs whole.
+    assert sorted(named) == [n for n in sample if int(n.rsplit("_", 1)[1]) >= 50]
+    assert "keyring_hardened.agent.*" in argv
+    assert "keyring_hardened.session.*" not in argv
+
+
+def test_sample_size_must_be_positive(run: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        run.main(["--sample", "0", "store"])
