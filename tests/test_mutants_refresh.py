@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from keyring_hardened import refresh
+from keyring_hardened.errors import UsageError
 from keyring_hardened.refresh import OUTPUT_LIMIT, RefreshContext
 
 
@@ -49,3 +50,35 @@ def test_file_refresher_never_waits_on_a_fifo(tmp_path: Path) -> None:
         refresh.file_refresher(_context(str(fifo)))
     with pytest.raises(ValueError, match="absolute path"):
         refresh.file_refresher(_context(None))
+
+
+def test_a_python_refresher_spec_names_the_option_it_came_from() -> None:
+    # The one-line error names what was wrong: the option, then the problem.
+    with pytest.raises(UsageError) as caught:
+        refresh.plugin_spec("not a name!")
+    assert str(caught.value).startswith("--refresher: expected NAME")
+    with pytest.raises(UsageError) as caught:
+        refresh.plugin_spec("not a name!", "refresh_default")
+    assert str(caught.value).startswith("refresh_default: expected NAME")
+
+
+def test_a_python_refresher_runs_in_a_thread_named_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refresher past its time is abandoned, still running: its thread's name
+    # is how a thread dump (faulthandler, py-spy) tells which one it is.
+    import threading
+
+    seen: list[str] = []
+
+    def rotator(context: RefreshContext) -> str:
+        seen.append(threading.current_thread().name)
+        return "new"
+
+    class EP:
+        def load(self) -> object:
+            return rotator
+
+    monkeypatch.setattr(refresh, "_plugins", lambda: {"rotator": EP()})
+    spec = refresh.RefreshSpec("python", (), "rotator")
+    assert refresh.run_python(spec, _context(None)) == b"new"
+    assert seen == ["refresher-rotator"]

@@ -347,3 +347,36 @@ def test_unseal_proof_of_a_passphrase_vault(home: Path) -> None:
         assert info.value.reason == "wrong-passphrase"
         s.unseal()  # the configured passphrase command
         assert s.status()["sealed"] is None
+
+
+def test_a_notice_is_marked_for_the_cli_handler(store: Store,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    # The CLI prints notices from the session's list and filters the records
+    # marked notice=True out of its stderr handler: unmarked, each is printed twice.
+    with caplog.at_level(logging.WARNING):
+        store.notice("the checkpoint was blocked")
+    (record,) = caplog.records
+    assert getattr(record, "notice", False) is True
+
+
+def test_a_restore_event_says_what_was_restored_over_what(home: Path, tmp_path: Path) -> None:
+    from keyring_hardened import backup
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "one")
+    copy = tmp_path / "b.db"
+    with Store.open(home) as s:
+        backup.backup(s, copy)
+        s.keys.rotate()
+        s.set("svc", "u", "two")
+    report = backup.restore(copy, home, allow_rollback=True)
+    assert report.replaced_head_seq is not None
+    with Store.open(home) as s:
+        (event,) = s.trail.show(op="restore")
+        # Chained onto the copy: the copy's newest event is the one before it.
+        assert event.reason == (f"rollback; copy-head {event.seq - 1}; "
+                                f"replaced-head {report.replaced_head_seq}")
+        assert report.replaced_head_seq > event.seq - 1
+        # The replaced vault's KEK 2 is retired; the copy's new active key is 3.
+        assert event.key_version == 3
+        assert s.trail.verify().ok
