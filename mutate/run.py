@@ -190,6 +190,8 @@ def report(modules: list[str], equivalent: dict[str, str],
              "equivalent | kill rate* |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     whole = Tally()
+    unexplained: list[str] = []
+    not_checked = 0
     tallies = {m: tally(m, equivalent, set(samples[m]) if m in samples else None)
                for m in modules}
     for module, t in tallies.items():
@@ -202,21 +204,27 @@ def report(modules: list[str], equivalent: dict[str, str],
             rate += f" ({low:.1%}-{high:.1%})"
         lines.append(f"| {label} | {t.total} | {t.killed} | {t.survived} | {t.timeout} | "
                      f"{t.no_tests} | {t.other} | {t.equivalent} | {rate} |")
+        unexplained += t.unexplained
+        not_checked += t.not_checked
+        if module in samples:
+            continue  # a sample's rate is not summed with whole modules' counts
         for name in ("total", "killed", "survived", "timeout", "no_tests", "not_checked",
                      "other", "equivalent"):
             setattr(whole, name, getattr(whole, name) + getattr(t, name))
-        whole.unexplained += t.unexplained
-    rate = f"{whole.rate:.1%}" if whole.rate is not None else "-"
-    lines.append(f"| **all** | {whole.total} | {whole.killed} | {whole.survived} | "
-                 f"{whole.timeout} | {whole.no_tests} | {whole.other} | {whole.equivalent} | "
-                 f"**{rate}** |")
+    if whole.total:
+        rate = f"{whole.rate:.1%}" if whole.rate is not None else "-"
+        label = "all whole modules" if samples else "all"
+        lines.append(f"| **{label}** | {whole.total} | {whole.killed} | {whole.survived} | "
+                     f"{whole.timeout} | {whole.no_tests} | {whole.other} | "
+                     f"{whole.equivalent} | **{rate}** |")
     lines += ["", "\\* (killed + timeout) / (mutants - equivalent); a survivor, a mutant no "
               "test reaches (no tests) and any other outcome count against it."]
     if samples:
         lines += ["", "A sampled row counts its sample only; the bracket is the rate's 95% "
                   "Wilson interval."]
-    if whole.not_checked:
-        lines += ["", f"{whole.not_checked} mutants were not checked (the run was stopped)."]
+    if not_checked:
+        lines += ["", f"{not_checked} mutants were not checked (not yet, or the run was "
+                  "stopped)."]
     known = {name for m in modules for name in results(m)}
     stale_scope = {m for m in modules if m not in samples}
     stale = [name for name in equivalent
@@ -227,10 +235,10 @@ def report(modules: list[str], equivalent: dict[str, str],
     if stale or killed_listed:
         lines += ["", "Stale entries in mutate/equivalent.txt (no such mutant, or killed now):"]
         lines += [f"- {name}" for name in stale + killed_listed]
-    if whole.unexplained:
+    if unexplained:
         lines += ["", "Survivors neither killed nor listed as equivalent "
                   "(see: mutmut show NAME):"]
-        lines += [f"- {name}" for name in whole.unexplained]
+        lines += [f"- {name}" for name in unexplained]
     return "\n".join(lines)
 
 

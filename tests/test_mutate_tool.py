@@ -97,6 +97,11 @@ def test_a_sampled_row_counts_its_sample_only(run: ModuleType, tmp_path: Path) -
     assert "x_f__mutmut_5" not in text
     assert "Stale entries" not in text
     assert "not checked" not in text
+    # A sample's counts are not summed into a total with whole modules'.
+    assert "| **all" not in text
+    _meta(tmp_path, "agent", {"1": 1, "2": 0})
+    text = run.report(["store", "agent"], equivalent, {"store": sample})
+    assert "| **all whole modules** | 2 | 1 | 1 |" in text
 
 
 def test_a_whole_row_counts_everything_and_names_stale_entries(run: ModuleType,
