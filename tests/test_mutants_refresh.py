@@ -82,3 +82,72 @@ def test_a_python_refresher_runs_in_a_thread_named_after_it(
     spec = refresh.RefreshSpec("python", (), "rotator")
     assert refresh.run_python(spec, _context(None)) == b"new"
     assert seen == ["refresher-rotator"]
+
+
+def test_a_failure_reads_as_one_printable_line() -> None:
+    error = refresh._fail("exit 3", "bad\x1b[31m token\x00\nsecond line", ["token"])
+    assert error.reason == "exit 3: bad?[31m [redacted]?"
+    assert str(error) == "the refresher failed (exit 3: bad?[31m [redacted]?)"
+    assert str(refresh._fail("timed out after 2s", "", [])) == \
+        "the refresher failed (timed out after 2s)"
+
+
+def test_a_success_clears_the_last_failure(home: Path, tmp_path: Path) -> None:
+    import sys
+
+    from keyring_hardened.config import Config
+    from keyring_hardened.store import Store
+
+    counter = tmp_path / "runs"
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = len(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text('x' * n)\n"
+        "if n == 1:\n"
+        "    sys.stderr.write('upstream down')\n"
+        "    sys.exit(3)\n"
+        "print('fresh-' + str(n))\n")
+    with Store.init(home, config=Config(refresh_timeout=10.0)) as s:
+        s.set("svc", "u", "old", ttl=600,
+              refresher=refresh.command_spec(f"{sys.executable} {script}"))
+        assert s.refresh("svc", "u").result == "failed"
+        assert [c.refresh_failure for c in s.credentials()] == ["exit 3: upstream down"]
+        assert s.refresh("svc", "u").result == "refreshed"
+        assert [c.refresh_failure for c in s.credentials()] == [None]
+        assert s.get("svc", "u").reveal() == "fresh-2"
+    with Store.open(home) as s:
+        assert [c.refresh_failure for c in s.credentials()] == [None]
+
+
+def test_a_command_refreshers_first_argument_is_hidden_its_program_not() -> None:
+    spec = refresh.command_spec("/usr/local/bin/fetch-token s3cr3t-first --scope=db")
+    hidden = spec.sensitive()
+    assert "s3cr3t-first" in hidden
+    assert "db" not in hidden  # shorter than 4 characters: never a token worth hiding
+    assert "--scope=db" in hidden
+    assert "/usr/local/bin/fetch-token" not in hidden
+
+
+def test_a_command_printing_two_bytes_past_the_limit_fails_at_once(home: Path) -> None:
+    import sys
+
+    from keyring_hardened.config import Config
+    from keyring_hardened.store import Store
+
+    # It then hangs: the flood is cut off as soon as it passes the limit, not
+    # at the refresher's timeout.
+    over = (f"{sys.executable} -c \"import sys, time; "
+            f"sys.stdout.write('x' * {OUTPUT_LIMIT + 2}); sys.stdout.flush(); time.sleep(60)\"")
+    exact = (f"{sys.executable} -c \"import sys; "
+             f"sys.stdout.write('y' * {OUTPUT_LIMIT} + chr(10))\"")
+    with Store.init(home, config=Config(refresh_timeout=30.0)) as s:
+        s.set("svc", "u", "old", ttl=600, refresher=refresh.command_spec(over))
+        outcome = s.refresh("svc", "u")
+        assert (outcome.result, outcome.summary) == (
+            "failed", f"printed more than {OUTPUT_LIMIT} bytes")
+        # The limit itself and one newline are a value.
+        s.set("svc", "u", "old", ttl=600, refresher=refresh.command_spec(exact))
+        assert s.refresh("svc", "u").result == "refreshed"
+        assert len(s.get("svc", "u").reveal()) == OUTPUT_LIMIT

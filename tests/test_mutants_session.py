@@ -380,3 +380,59 @@ def test_a_restore_event_says_what_was_restored_over_what(home: Path, tmp_path: 
         # The replaced vault's KEK 2 is retired; the copy's new active key is 3.
         assert event.key_version == 3
         assert s.trail.verify().ok
+
+
+def test_a_backup_leaves_the_root_key_with_its_owner(home: Path, tmp_path: Path) -> None:
+    # The copy is checked with the live session's own root key, borrowed: closing
+    # the copy must not wipe it, or the session no longer recognises its own
+    # vault (the verifier key is zeros) and its next backup is refused.
+    from keyring_hardened import backup
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "one")
+        backup.backup(s, tmp_path / "b.db")
+        backup.backup(s, tmp_path / "c.db")
+        s.keys.rotate()  # wraps a new KEK under the root key
+        s.set("svc", "u", "two")
+    with Store.open(home) as s:
+        assert s.get("svc", "u").reveal() == "two"
+        assert s.trail.verify().ok
+
+
+def test_a_restore_asks_the_prompt_for_the_copys_passphrase(home: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from keyring_hardened import backup
+
+    monkeypatch.delenv("KEYRING_HARDENED_PASSPHRASE", raising=False)
+    with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=FAST_KDF) as s:
+        s.set("svc", "u", "one")
+        backup.backup(s, tmp_path / "b.db")
+    asked: list[bool] = []
+
+    def prompt() -> str:
+        asked.append(True)
+        return PASSPHRASE
+
+    report = backup.restore(tmp_path / "b.db", home, prompt=prompt)
+    assert asked
+    assert report.credentials == 1
+
+
+def test_a_blocked_purge_retries_its_checkpoint_for_about_a_second(
+        blocked: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_module
+
+    waits: list[float] = []
+    real_sleep = time_module.sleep
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time_module, "sleep", sleep)
+    blocked.delete("svc", "alice", purge=True)
+    assert len(waits) == 5
+    assert waits == sorted(waits)  # backing off
+    assert sum(waits) <= 1.0
+    assert len(blocked.notices) == 1

@@ -519,3 +519,26 @@ def test_argument_errors_name_the_argument(store: Store) -> None:
         with pytest.raises(UsageError) as info:
             call()
         assert str(info.value).startswith(f"{what} "), (what, str(info.value))
+
+
+def test_refresh_tries_three_times_while_others_keep_changing_it(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each round found a newer version than the one it started from (another
+    # writer got there first): refresh gives up after three rounds and says so.
+    from keyring_hardened import refresh as refreshing
+
+    calls: list[tuple[bool, bool]] = []
+
+    def changed(store: object, service: str, username: str, head_id: int, current: int, *,
+                force: bool, wait: bool) -> refreshing.Outcome:
+        calls.append((force, wait))
+        return refreshing.Outcome(service, username, "changed")
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "old", ttl=600, refresher=command_spec(f"{sys.executable} -c pass"))
+        monkeypatch.setattr(refreshing, "refresh_one", changed)
+        assert s.refresh("svc", "u") == refreshing.Outcome("svc", "u", "changed")
+        assert calls == [(True, True)] * 3  # waits for a runner in another process
+        calls.clear()
+        assert s.refresh("svc", "u", due_only=True).result == "changed"
+        assert calls == [(False, True)] * 3
