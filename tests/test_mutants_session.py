@@ -436,3 +436,52 @@ def test_a_blocked_purge_retries_its_checkpoint_for_about_a_second(
     assert waits == sorted(waits)  # backing off
     assert sum(waits) <= 1.0
     assert len(blocked.notices) == 1
+
+
+def test_a_throttle_dated_in_the_future_keeps_its_count(home: Path) -> None:
+    # A clock set back (or an edited row) puts the last failure in the future:
+    # the wait counts from now, and the count of failures is kept, so one
+    # delay later the right passphrase opens the vault.
+    from keyring_hardened.access import throttle_delay
+
+    with Store.init(home, passphrase_mode=True, passphrase=PASSPHRASE, config=FAST_KDF) as s:
+        s.set("svc", "u", "v")
+    now = [2_000_000_000.0]
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.execute(f"INSERT INTO unlock_throttle VALUES (1, 7, {now[0] + 10_000})")
+    conn.close()
+    wait = throttle_delay(7)
+    with pytest.raises(LockedError, match=f"after 7 failed attempts in a row; try again in "
+                                          f"{int(wait)} s"):
+        Store.open(home, passphrase=PASSPHRASE, config=FAST_KDF, clock=lambda: now[0])
+    now[0] += wait + 1
+    with Store.open(home, passphrase=PASSPHRASE, config=FAST_KDF, clock=lambda: now[0]) as s:
+        assert s.get("svc", "u").reveal() == "v"
+
+
+def test_a_key_file_vault_past_its_wait_keeps_the_count(home: Path) -> None:
+    # Past the free failures, an allowed attempt on a key-file vault restarts
+    # the wait with the same count; an attempt that then fails for a reason
+    # that is not a guess (the key file missing) leaves that row as it is.
+    from keyring_hardened.access import throttle_delay
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "v")
+    wait = throttle_delay(7)
+    now = [2_000_000_000.0]
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.execute(f"INSERT INTO unlock_throttle VALUES (1, 7, {now[0] - wait - 1})")
+    conn.close()
+    key = home / "master.key"
+    aside = home / "master.key.aside"
+    key.rename(aside)
+    with pytest.raises(LockedError):
+        Store.open(home, clock=lambda: now[0])
+    aside.rename(key)
+    with sqlite3.connect(home / "vault.db") as conn:
+        assert conn.execute("SELECT failures, last_at FROM unlock_throttle"
+                            ).fetchone() == (7, now[0])
+    conn.close()
+    now[0] += wait + 1
+    with Store.open(home, clock=lambda: now[0]) as s:
+        assert s.get("svc", "u").reveal() == "v"

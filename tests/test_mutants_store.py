@@ -542,3 +542,38 @@ def test_refresh_tries_three_times_while_others_keep_changing_it(
         calls.clear()
         assert s.refresh("svc", "u", due_only=True).result == "changed"
         assert calls == [(False, True)] * 3
+
+
+def test_history_of_a_credential_without_username(store: Store) -> None:
+    store.set("svc", "", "one")
+    assert [v.version for v in store.history("svc", "")] == [1]
+
+
+def test_refresh_ahead_window_starts_exactly_ahead_of_expiry(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process (a Python refresher), so it runs for mutants of the read path:
+    # outside the window a read runs nothing; inside, the reader refreshes and
+    # still gets the valid value.
+    from keyring_hardened import refresh as refreshing
+
+    runs: list[str] = []
+
+    class EP:
+        def load(self) -> object:
+            def rotate(context: refreshing.RefreshContext) -> str:
+                runs.append(context.service)
+                return f"fresh-{len(runs)}"
+            return rotate
+
+    monkeypatch.setattr(refreshing, "_plugins", lambda: {"rotate": EP()})
+    now = [1_000_000.0]
+    with Store.init(home, clock=lambda: now[0]) as s:
+        s.set("svc", "u", "old", ttl=600, refresher=refreshing.plugin_spec("rotate"),
+              refresh_ahead=120)
+        now[0] += 479  # one second before the window
+        assert s.get("svc", "u").reveal() == "old"
+        assert runs == []
+        now[0] += 1  # at its start
+        assert s.get("svc", "u").reveal() == "old"
+        assert runs == ["svc"]
+        assert s.get("svc", "u").reveal() == "fresh-1"
