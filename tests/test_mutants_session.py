@@ -17,6 +17,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -485,3 +486,32 @@ def test_a_key_file_vault_past_its_wait_keeps_the_count(home: Path) -> None:
     now[0] += wait + 1
     with Store.open(home, clock=lambda: now[0]) as s:
         assert s.get("svc", "u").reveal() == "v"
+
+
+def test_a_vault_made_by_a_first_open_says_so(home: Path) -> None:
+    with Store.open(home, create=True) as s:
+        assert s.status()["created_implicitly"] is True
+    with Store.open(home) as s:
+        (made,) = s.trail.show(op="init")
+        assert made.reason is not None
+        assert made.reason.endswith("; made by a first set")
+
+
+def test_an_open_that_lost_the_race_to_create_uses_the_other_vault(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process created the vault between this open's look and its own
+    # create: the open uses theirs, with the configured busy timeout.
+    real_create = Store._create
+
+    def lost(*args: Any, **kwargs: Any) -> None:
+        other = real_create(*args, **kwargs)  # made "by another process"
+        assert other is not None
+        with other:
+            other.set("svc", "u", "theirs")
+        return None
+
+    monkeypatch.setattr(Store, "_create", lost)
+    with Store.open(home, create=True, config=Config(busy_timeout=7.5)) as s:
+        assert s.get("svc", "u").reveal() == "theirs"
+        with s._guard() as storage:
+            assert storage._busy_ms == 7500  # type: ignore[attr-defined]
