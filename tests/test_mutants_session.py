@@ -28,6 +28,7 @@ from keyring_hardened.errors import (
     ExpiredError,
     IntegrityError,
     LockedError,
+    StorageError,
     UsageError,
 )
 from keyring_hardened.store import Store
@@ -515,3 +516,52 @@ def test_an_open_that_lost_the_race_to_create_uses_the_other_vault(
         assert s.get("svc", "u").reveal() == "theirs"
         with s._guard() as storage:
             assert storage._busy_ms == 7500  # type: ignore[attr-defined]
+
+
+def test_init_keeps_the_configured_durability(home: Path) -> None:
+    with Store.init(home, config=Config(synchronous="full")) as s, s._guard() as storage:
+        conn = storage._conn  # type: ignore[attr-defined]
+        assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+
+
+def test_init_over_a_vault_refuses_before_asking_for_a_passphrase(home: Path) -> None:
+    with Store.init(home) as s:
+        s.set("svc", "u", "v")
+    before = {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()}
+    asked: list[bool] = []
+
+    def prompt() -> str:
+        asked.append(True)
+        return PASSPHRASE
+
+    with pytest.raises(UsageError, match="already exists"):
+        Store.init(home, passphrase_mode=True, prompt=prompt, config=FAST_KDF)
+    assert asked == []
+    assert {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()} == before
+
+
+def test_transient_failures_are_retried_with_growing_waits(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shared server's serialization failure or dropped connection: the whole
+    # operation runs again, after 20 ms, then 40 ms, ... (at most 0.5 s each).
+    import time as time_module
+
+    failures = [StorageError("the server dropped the connection", "transient")] * 3
+    real_run_once = Store._run_once
+    waits: list[float] = []
+    real_sleep = time_module.sleep
+
+    def flaky(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_run_once(self, *args, **kwargs)
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(Store, "_run_once", flaky)
+    monkeypatch.setattr(time_module, "sleep", sleep)
+    store.set("svc", "u", "v")
+    assert waits == [0.02, 0.04, 0.08]
+    assert store.get("svc", "u").reveal() == "v"
