@@ -151,3 +151,21 @@ def test_a_command_printing_two_bytes_past_the_limit_fails_at_once(home: Path) -
         s.set("svc", "u", "old", ttl=600, refresher=refresh.command_spec(exact))
         assert s.refresh("svc", "u").result == "refreshed"
         assert len(s.get("svc", "u").reveal()) == OUTPUT_LIMIT
+
+
+def test_a_refresh_event_names_the_key_its_refresher_is_sealed_under(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyring_hardened.store import Store
+
+    class EP:
+        def load(self) -> object:
+            return lambda context: "fresh"
+
+    monkeypatch.setattr(refresh, "_plugins", lambda: {"rotate": EP()})
+    with Store.init(home) as s:
+        s.keys.rotate()  # KEK 2 is active when the refresher is sealed
+        s.set("svc", "u", "old", ttl=600, refresher=refresh.plugin_spec("rotate"))
+        assert s.refresh("svc", "u").result == "refreshed"
+        events = s.trail.show(op="refresh")
+        assert events
+        assert {e.key_version for e in events} == {2}
