@@ -565,3 +565,19 @@ def test_transient_failures_are_retried_with_growing_waits(
     store.set("svc", "u", "v")
     assert waits == [0.02, 0.04, 0.08]
     assert store.get("svc", "u").reveal() == "v"
+
+
+def test_a_right_key_file_resets_earlier_failures(home: Path) -> None:
+    # Fewer failures than the free ones: no wait, and the next correct
+    # unlock sets the count back to zero.
+    with Store.init(home) as s:
+        s.set("svc", "u", "v")
+    with sqlite3.connect(home / "vault.db") as conn:
+        conn.execute("INSERT INTO unlock_throttle VALUES (1, 2, 1000.0)")
+    conn.close()
+    with Store.open(home) as s:
+        assert s.get("svc", "u").reveal() == "v"
+    with sqlite3.connect(home / "vault.db") as conn:
+        row = conn.execute("SELECT failures FROM unlock_throttle").fetchone()
+    conn.close()
+    assert row is None or row == (0,)

@@ -577,3 +577,32 @@ def test_refresh_ahead_window_starts_exactly_ahead_of_expiry(
         assert s.get("svc", "u").reveal() == "old"
         assert runs == ["svc"]
         assert s.get("svc", "u").reveal() == "fresh-1"
+
+
+def test_a_new_value_clears_the_refreshers_failure_count(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The back-off after failed refreshes grows with their count; a value set
+    # by hand starts it over.
+    from keyring_hardened import refresh as refreshing
+
+    class EP:
+        def load(self) -> object:
+            def down(context: refreshing.RefreshContext) -> str:
+                raise RuntimeError("upstream down")
+            return down
+
+    monkeypatch.setattr(refreshing, "_plugins", lambda: {"down": EP()})
+
+    def refresh_state(s: Store) -> refreshing.RefreshState:
+        with s._guard() as storage:
+            (hint,) = storage.refresh_hints()
+        return refreshing.decode_state(hint[5])
+
+    with Store.init(home) as s:
+        s.set("svc", "u", "old", ttl=600, refresher=refreshing.plugin_spec("down"))
+        assert s.refresh("svc", "u").result == "failed"
+        assert s.refresh("svc", "u").result == "failed"
+        assert refresh_state(s).failures == 2
+        s.set("svc", "u", "set by hand")
+        state = refresh_state(s)
+        assert (state.failure, state.failed_at, state.failures) == (None, None, 0)
