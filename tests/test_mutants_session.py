@@ -581,3 +581,24 @@ def test_a_right_key_file_resets_earlier_failures(home: Path) -> None:
         row = conn.execute("SELECT failures FROM unlock_throttle").fetchone()
     conn.close()
     assert row is None or row == (0,)
+
+
+def test_a_read_fetches_its_credential_and_versions_in_one_query(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The common case, one credential, is one round trip for its bucket and
+    # its versions (it matters most on a shared server).
+    from keyring_hardened.storage import SQLiteStorage
+
+    store.set("svc", "u", "v")
+    calls: list[str] = []
+    for name in ("bucket_rows", "heads_in_buckets", "versions"):
+        real = getattr(SQLiteStorage, name)
+
+        def counted(self: SQLiteStorage, *args: Any, _real: Any = real, _name: str = name
+                    ) -> Any:
+            calls.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(SQLiteStorage, name, counted)
+    assert store.get("svc", "u").reveal() == "v"
+    assert calls == ["bucket_rows"]
