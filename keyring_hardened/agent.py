@@ -41,8 +41,6 @@ CONNECTION_IDLE = 300.0
 #: Connections served at once; more are closed at once (the limit of open files
 #: and threads must not be reachable by holding connections open).
 MAX_CONNECTIONS = 64
-#: struct ucred: pid_t (signed), uid_t and gid_t (unsigned).
-_PEERCRED = struct.Struct("iII")
 #: SO_PEERGROUPS (Linux 4.13): the supplementary groups of the connecting process.
 _SO_PEERGROUPS = 59
 _OPS = ("get", "set", "delete", "rollback", "usernames", "list", "history")
@@ -62,8 +60,8 @@ class Peer(NamedTuple):
 
 def peer_of(conn: socket.socket) -> Peer:
     """The connecting process's pid, uid, gid and groups (``SO_PEERCRED``, ``SO_PEERGROUPS``)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, agentproto.PEERCRED.size)
+    pid, uid, gid = agentproto.PEERCRED.unpack(raw)
     try:
         data = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
         groups = struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4])

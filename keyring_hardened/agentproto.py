@@ -35,7 +35,8 @@ from .errors import HardenedError, LockedError, StorageError
 from .location import ENV_ACTOR, Location
 from .secret import Secret
 
-__all__ = ["ENV_AGENT_SOCK", "MAX_FRAME", "VERSION", "AgentStore", "connect", "recv_frame",
+__all__ = ["ENV_AGENT_SOCK", "MAX_FRAME", "PEERCRED", "VERSION", "AgentStore", "connect",
+           "recv_frame",
            "send_frame", "socket_path"]
 
 #: Overrides ``<home>/agent.sock``.
@@ -45,6 +46,10 @@ VERSION = 1
 #: A request or an answer is at most this long: a secret (1 MiB) plus names, as JSON.
 MAX_FRAME = 8 << 20
 _LEN = struct.Struct(">I")
+#: ``SO_PEERCRED``'s struct ucred, read by the client and the agent alike:
+#: pid_t (signed), uid_t and gid_t (unsigned: a uid of 2**31 or more must not
+#: read as negative and refuse the caller's own agent).
+PEERCRED = struct.Struct("iII")
 
 #: The error classes by their ``kind``, to raise what the agent raised.
 _KINDS: dict[str, type[HardenedError]] = {
@@ -277,10 +282,8 @@ def _check_server(sock: socket.socket, path: Path) -> None:
     if not hasattr(socket, "SO_PEERCRED"):  # pragma: no cover - the agent is Linux only
         raise LockedError("this platform cannot check who answers on the agent socket",
                           "agent-untrusted")
-    # struct ucred: pid_t (signed), uid_t and gid_t (unsigned: a uid of 2**31
-    # or more must not read as negative and refuse the caller's own agent).
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
-    _pid, uid, _gid = struct.unpack("iII", raw)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    _pid, uid, _gid = PEERCRED.unpack(raw)
     if uid == os.getuid():
         return
     try:

@@ -15,6 +15,8 @@ from keyring_hardened import refresh
 from keyring_hardened.errors import UsageError
 from keyring_hardened.refresh import OUTPUT_LIMIT, RefreshContext
 
+from .test_refresh import install_plugin
+
 
 def _context(argument: str | None) -> RefreshContext:
     return RefreshContext("svc", "u", 1, None, argument, 30.0)
@@ -74,12 +76,7 @@ def test_a_python_refresher_runs_in_a_thread_named_after_it(
         seen.append(threading.current_thread().name)
         return "new"
 
-    class EP:
-        def load(self) -> object:
-            return rotator
-
-    monkeypatch.setattr(refresh, "_plugins", lambda: {"rotator": EP()})
-    spec = refresh.RefreshSpec("python", (), "rotator")
+    spec = install_plugin(monkeypatch, "rotator", rotator)
     assert refresh.run_python(spec, _context(None)) == b"new"
     assert seen == ["refresher-rotator"]
 
@@ -157,14 +154,10 @@ def test_a_refresh_event_names_the_key_its_refresher_is_sealed_under(
         home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from keyring_hardened.store import Store
 
-    class EP:
-        def load(self) -> object:
-            return lambda context: "fresh"
-
-    monkeypatch.setattr(refresh, "_plugins", lambda: {"rotate": EP()})
+    spec = install_plugin(monkeypatch, "rotate", lambda context: "fresh")
     with Store.init(home) as s:
         s.keys.rotate()  # KEK 2 is active when the refresher is sealed
-        s.set("svc", "u", "old", ttl=600, refresher=refresh.plugin_spec("rotate"))
+        s.set("svc", "u", "old", ttl=600, refresher=spec)
         assert s.refresh("svc", "u").result == "refreshed"
         events = s.trail.show(op="refresh")
         assert events

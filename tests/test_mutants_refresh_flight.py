@@ -26,7 +26,7 @@ from keyring_hardened.refresh import Outcome, RefreshContext
 from keyring_hardened.storage import SQLiteStorage
 from keyring_hardened.store import Store
 
-from .test_refresh import Clock, counting, events, runs
+from .test_refresh import Clock, counting, events, install_plugin, runs
 
 #: A bound on every wait for another thread: reached only when a test fails.
 BOUND = 20.0
@@ -68,16 +68,6 @@ def _lease_tokens(home: Path) -> list[bytes]:
     return [bytes(r[0]) for r in _sql(home, "SELECT token FROM refresh_leases")]
 
 
-class _Plugin:
-    """An installed Python refresher (an entry point) that calls ``function``."""
-
-    def __init__(self, function: Any) -> None:
-        self._function = function
-
-    def load(self) -> Any:
-        return self._function
-
-
 class Gated:
     """A Python refresher that records its context, says it runs, and waits to be let go."""
 
@@ -94,11 +84,6 @@ class Gated:
         return self.value
 
 
-def _install(monkeypatch: pytest.MonkeyPatch, name: str, function: Any) -> refresh.RefreshSpec:
-    monkeypatch.setattr(refresh, "_plugins", lambda: {name: _Plugin(function)})
-    return refresh.plugin_spec(name)
-
-
 # -- waiting for a runner in another process ------------------------------------------------
 
 
@@ -106,7 +91,7 @@ def test_refresh_one_waits_by_default_for_the_runner_of_another_process(
         store: Store, other: Store, clock: Clock, home: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     gated = Gated()
-    store.set("svc", "u", "old", ttl=60, refresher=_install(monkeypatch, "gated", gated))
+    store.set("svc", "u", "old", ttl=60, refresher=install_plugin(monkeypatch, "gated", gated))
     clock.now += 60
     head_id = _head_id(home)
 
@@ -197,7 +182,7 @@ def test_a_reader_waiting_on_a_tokenless_planted_lease_takes_over_when_it_expire
     # can hold a lease with no token. It is a live runner's until it
     # expires, and a reader already waiting on it then takes over.
     # (refresh_timeout 1 s: a lease lasts at most 3 s.)
-    spec = _install(monkeypatch, "rot", lambda context: "taken-over")
+    spec = install_plugin(monkeypatch, "rot", lambda context: "taken-over")
     with Store.init(home, config=Config(refresh_timeout=1.0), actor="test",
                     clock=clock) as s:
         s.set("svc", "u", "old", ttl=60, refresher=spec)
@@ -266,7 +251,7 @@ def test_a_python_refresher_is_told_which_credential_it_refreshes(
         seen.append(context)
         return f"new-{context.service}-{context.username}"
 
-    store.set("svc", "alice", "old", ttl=60, refresher=_install(monkeypatch, "rot", rotator))
+    store.set("svc", "alice", "old", ttl=60, refresher=install_plugin(monkeypatch, "rot", rotator))
     clock.now += 60
     assert store.get("svc", "alice").reveal() == "new-svc-alice"
     assert [(c.service, c.username, c.version, c.expires_at) for c in seen] == [

@@ -20,6 +20,7 @@ from keyring_hardened.refresh import command_spec
 from keyring_hardened.store import MAX_NAME_BYTES, MAX_SECRET_BYTES, Store
 
 from .conftest import FAST_KDF, PASSPHRASE
+from .test_refresh import install_plugin
 
 
 class Clock:
@@ -558,17 +559,14 @@ def test_refresh_ahead_window_starts_exactly_ahead_of_expiry(
 
     runs: list[str] = []
 
-    class EP:
-        def load(self) -> object:
-            def rotate(context: refreshing.RefreshContext) -> str:
-                runs.append(context.service)
-                return f"fresh-{len(runs)}"
-            return rotate
+    def rotate(context: refreshing.RefreshContext) -> str:
+        runs.append(context.service)
+        return f"fresh-{len(runs)}"
 
-    monkeypatch.setattr(refreshing, "_plugins", lambda: {"rotate": EP()})
+    spec = install_plugin(monkeypatch, "rotate", rotate)
     now = [1_000_000.0]
     with Store.init(home, clock=lambda: now[0]) as s:
-        s.set("svc", "u", "old", ttl=600, refresher=refreshing.plugin_spec("rotate"),
+        s.set("svc", "u", "old", ttl=600, refresher=spec,
               refresh_ahead=120)
         now[0] += 479  # one second before the window
         assert s.get("svc", "u").reveal() == "old"
@@ -585,13 +583,10 @@ def test_a_new_value_clears_the_refreshers_failure_count(
     # by hand starts it over.
     from keyring_hardened import refresh as refreshing
 
-    class EP:
-        def load(self) -> object:
-            def down(context: refreshing.RefreshContext) -> str:
-                raise RuntimeError("upstream down")
-            return down
+    def down(context: refreshing.RefreshContext) -> str:
+        raise RuntimeError("upstream down")
 
-    monkeypatch.setattr(refreshing, "_plugins", lambda: {"down": EP()})
+    spec = install_plugin(monkeypatch, "down", down)
 
     def refresh_state(s: Store) -> refreshing.RefreshState:
         with s._guard() as storage:
@@ -599,7 +594,7 @@ def test_a_new_value_clears_the_refreshers_failure_count(
         return refreshing.decode_state(hint[5])
 
     with Store.init(home) as s:
-        s.set("svc", "u", "old", ttl=600, refresher=refreshing.plugin_spec("down"))
+        s.set("svc", "u", "old", ttl=600, refresher=spec)
         assert s.refresh("svc", "u").result == "failed"
         assert s.refresh("svc", "u").result == "failed"
         assert refresh_state(s).failures == 2

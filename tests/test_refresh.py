@@ -63,6 +63,23 @@ def counting(tmp_path: Path, value: str = "fresh", *, code: int = 0, stderr: str
     return command_spec(f"{sys.executable} {path}")
 
 
+class _Plugin:
+    """An installed Python refresher (an entry point) that calls ``function``."""
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+
+    def load(self) -> Any:
+        return self._function
+
+
+def install_plugin(monkeypatch: pytest.MonkeyPatch, name: str, function: Any
+                   ) -> refresh.RefreshSpec:
+    """Make ``function`` the only installed Python refresher, as ``name``; its spec."""
+    monkeypatch.setattr(refresh, "_plugins", lambda: {name: _Plugin(function)})
+    return refresh.plugin_spec(name)
+
+
 def runs(tmp_path: Path) -> int:
     counter = tmp_path / "runs"
     return len(counter.read_text()) if counter.exists() else 0
